@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=0, help="print held-in zero-shot accuracy every N steps")
     args = parser.parse_args(argv)
 
     import open_clip
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} scale {model.logit_scale.exp().item():.1f} "
                   f"elapsed {time.time() - train_start:.0f}s", flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            model.eval()
+            print(f"step {step} held-in zero-shot {held_in_zero_shot(model, tokenizer, mean, std, n=200)}", flush=True)
+            model.train()
 
     model.eval()
     for task, accuracy in held_in_zero_shot(model, tokenizer, mean, std).items():

@@ -1,0 +1,153 @@
+"""The `coft` command line: adapt a CLIP model to unlabeled images, and predict with the result."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+
+def _class_names(classes: Optional[str], classes_file: Optional[Path]) -> list[str]:
+    if (classes is None) == (classes_file is None):
+        raise typer.BadParameter("give exactly one of --classes or --classes-file")
+    if classes is not None:
+        names = [c.strip() for c in classes.split(",")]
+    else:
+        names = [line.strip() for line in classes_file.read_text().splitlines()]
+    return [n for n in names if n]
+
+
+def _open(images: Path):
+    from coft.data import DataError, open_images
+
+    try:
+        image_set = open_images(images)
+    except DataError as error:
+        console.print(f"[red]cannot use {images}: {error}[/red]")
+        raise typer.Exit(2) from error
+    if image_set.rejected:
+        console.print(f"[yellow]skipped {len(image_set.rejected)} unusable file(s):[/yellow]")
+        for rejected in image_set.rejected[:20]:
+            console.print(f"  {rejected.path}: {rejected.reason}")
+        if len(image_set.rejected) > 20:
+            console.print(f"  ... and {len(image_set.rejected) - 20} more")
+    return image_set
+
+
+@app.command()
+def adapt(
+    images: Path = typer.Option(..., "--images", exists=True, help="folder or zip/tar archive of unlabeled images"),
+    classes: Optional[str] = typer.Option(None, "--classes", help='comma-separated class names, "a,b,c"'),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", exists=True, help="one class name a line"),
+    method: str = typer.Option("coft", "--method", help="zero-shot | coft"),
+    model: str = typer.Option("proxy", "--model", help="open_clip model: ViT-B-16, local-dir:PATH, hf-hub:ORG/REPO"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or checkpoint file"),
+    template: Optional[str] = typer.Option(None, "--template", help='zero-shot template, default "a photo of a {}."'),
+    seed: int = typer.Option(0, "--seed"),
+    config_file: Optional[Path] = typer.Option(None, "--config", exists=True, help="JSON overrides of the method config"),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="resume an interrupted run from here"),
+    evaluate: Optional[Path] = typer.Option(None, "--eval", exists=True,
+                                            help="labelled holdout (class-name folders) to report true accuracy"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda when available)"),
+    out: Path = typer.Option(..., "--out", help="directory to write the classifier artifact to"),
+) -> None:
+    """Adapt a CLIP model to CLASSES using unlabeled IMAGES; write a classifier artifact."""
+    import torch
+
+    from coft.config import CoFTConfig
+    from coft.data import DataError, open_labelled_images
+    from coft.pipeline import METHODS, LabelledImages
+    from coft.pipeline import adapt as run_adapt
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
+    names = _class_names(classes, classes_file)
+    overrides = json.loads(config_file.read_text()) if config_file else {}
+    overrides["seed"] = seed
+    if template is not None:
+        if "{}" not in template:
+            raise typer.BadParameter('the template needs a "{}" for the class name', param_hint="--template")
+        overrides.setdefault("pseudo_labels", {})["template"] = template
+    try:
+        config = CoFTConfig.from_dict(overrides)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from error
+    image_set = _open(images)
+    evaluation = None
+    if evaluate is not None:
+        try:
+            labelled = open_labelled_images(evaluate, class_names=names)
+        except DataError as error:
+            console.print(f"[red]cannot use {evaluate}: {error}[/red]")
+            raise typer.Exit(2) from error
+        to_job = [names.index(labelled.class_names[label]) for label in labelled.labels]
+        evaluation = LabelledImages(labelled.images, torch.tensor(to_job))
+
+    console.print(f"adapting [bold]{model}[/bold] to {len(names)} classes with {method} "
+                  f"on {len(image_set)} images")
+    with _progress_bar() as bar:
+        task = bar.add_task("starting", total=1.0)
+
+        def on_progress(event) -> None:
+            bar.update(task, completed=event.fraction, description=f"{event.stage}: {event.message}")
+
+        try:
+            result = run_adapt(image_set, names, method=method, model=model, pretrained=pretrained, config=config,
+                               progress=on_progress, checkpoint_dir=checkpoint_dir, evaluation=evaluation,
+                               device=device)
+        except ValueError as error:
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(2) from error
+    result.classifier.save(out)
+    _print_summary(result.metrics)
+    console.print(f"classifier written to [bold]{out}[/bold]")
+
+
+@app.command()
+def predict(
+    classifier: Path = typer.Option(..., "--classifier", exists=True, file_okay=False, help="artifact directory"),
+    images: Path = typer.Option(..., "--images", exists=True, help="folder or zip/tar archive of images"),
+    out: Path = typer.Option(..., "--out", help="CSV file: path,label,probability"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Label IMAGES with a classifier written by `coft adapt` (or exported by the service)."""
+    from coft.classifier import Classifier
+
+    model = Classifier.load(classifier, device=device)
+    image_set = _open(images)
+    predictions = model.predict(image_set, batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "probability"])
+        for name, label, probability in zip(image_set.names, predictions.labels, predictions.confidences):
+            writer.writerow([name, label, f"{probability:.6f}"])
+    console.print(f"{len(image_set)} predictions written to [bold]{out}[/bold]")
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def _print_summary(metrics: dict) -> None:
+    keys = ["s_star_size", "clean_fraction_model1", "clean_fraction_model2", "agreement", "prediction_entropy"]
+    for key in keys:
+        if key in metrics:
+            value = metrics[key]
+            console.print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+    for name, accuracy in metrics.get("accuracy", {}).items():
+        console.print(f"  accuracy {name}: {accuracy:.3f}")
+
+
+if __name__ == "__main__":
+    app()

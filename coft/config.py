@@ -1,0 +1,110 @@
+"""Every hyperparameter of the method, with the defaults of shared/design/coft-method.md.
+
+Configs are plain dataclasses: `CoFTConfig.from_dict` takes the JSON a user or the API sends
+(partial, nested), rejects unknown keys, and `to_dict` is what the artifact records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class PseudoLabelConfig:
+    top_k: int = 16  # images per class in S*, capped by how many were predicted as that class
+    template: str = DEFAULT_TEMPLATE
+    ensemble: bool = False  # average the built-in template ensemble instead of the single template
+
+
+@dataclass
+class Phase1Config:
+    """Prompt learning of the two models: positive/negative CoOp prompts and VPT-deep."""
+
+    context_tokens: int = 16  # M
+    context_init_std: float = 0.02
+    vpt_tokens: int = 20  # per layer
+    vpt_deep: bool = True
+    vpt_init_std: float = 0.02
+    negative_weight: float = 1.0  # lambda
+    detach_image_in_l2: bool = False
+    detach_positive_text_in_l2: bool = True
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 20
+    batch_size: int = 32
+    augment: bool = True  # RandomResizedCrop + flip
+    crop_scale_min: float = 0.5
+    hflip: bool = True  # turn off where mirroring changes the class (digits, text)
+
+
+@dataclass
+class Phase2Config:
+    """Full fine-tuning of a fresh visual encoder + linear head on each model's clean set."""
+
+    lr: float = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    batch_size: int = 64
+    augment: bool = True
+    crop_scale_min: float = 0.5
+    hflip: bool = True
+    head_init: str = "text"  # "text": zero-shot class embeddings; "random"
+    backbone: str | None = None  # a different backbone for Phase II (distillation); None: the Phase I one
+    backbone_pretrained: str | None = None
+
+
+@dataclass
+class CoFTConfig:
+    seed: int = 0
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    eval_batch_size: int = 128
+    num_workers: int = 0  # DataLoader workers; 0 keeps everything in one process
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "CoFTConfig":
+        return _from_dict(cls, values or {}, path="config")
+
+
+def _from_dict(cls, values: dict[str, Any], path: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must be an object, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {path} keys: {', '.join(unknown)}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, f"{path}.{name}")
+        else:
+            kwargs[name] = _coerce(value, default, f"{path}.{name}")
+    return dataclasses.replace(defaults, **kwargs)
+
+
+def _coerce(value: Any, default: Any, path: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{path} must be true or false")
+        return value
+    if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, int):
+        return value
+    if isinstance(default, float) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    raise ValueError(f"{path} must be of type {type(default).__name__}")

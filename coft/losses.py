@@ -1,0 +1,38 @@
+"""The Phase I losses (paper Eqs. 4-6).
+
+s+ and s- are cosine similarities between an image and the positive / negative prompt of each
+class; `scale` is CLIP's logit scale, 1/tau.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def positive_loss(s_pos: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """L1: cross-entropy of the positive-prompt classifier against the pseudo-labels."""
+    return F.cross_entropy(s_pos * scale, labels)
+
+
+def clean_probability(s_pos: torch.Tensor, s_neg: torch.Tensor, scale: float) -> torch.Tensor:
+    """p_clean = exp(s+/tau) / (exp(s+/tau) + exp(s-/tau)) = sigmoid((s+ - s-) / tau)."""
+    return torch.sigmoid((s_pos - s_neg) * scale)
+
+
+def random_other_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A class drawn uniformly from the C-1 classes that are not the label."""
+    offsets = torch.randint(1, num_classes, labels.shape, generator=generator, device="cpu").to(labels.device)
+    return (labels + offsets) % num_classes
+
+
+def negative_loss(s_pos: torch.Tensor, s_neg: torch.Tensor, labels: torch.Tensor, others: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """L2 = -mean[log p_clean_y + log(1 - p_clean_yhat)].
+
+    The sign is the one of the paper's prose and of DeFT's code, not the misprinted Eq. 6. Written
+    with logsigmoid, since log(sigmoid(d)) and log(1 - sigmoid(d)) = logsigmoid(-d) are stable.
+    """
+    margin = (s_pos - s_neg) * scale
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return -(F.logsigmoid(margin[rows, labels]) + F.logsigmoid(-margin[rows, others])).mean()

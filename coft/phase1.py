@@ -1,0 +1,117 @@
+"""Phase I: parameter-efficient fine-tuning of one of the two models on S* (paper Sec. 3.1).
+
+The CLIP weights stay frozen; a model learns a positive and a negative prompt context (shared by
+all classes) and visual prompt tokens. L1 teaches the positive prompts the pseudo-labels; L2 teaches
+the negative prompt to sit below the positive one for the given label and above it for a random
+other label, so that s+_y > s-_y reads as "label y is clean for this image".
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from coft.backbone import Backbone, grad_scaler
+from coft.config import Phase1Config
+from coft.loader import map_batches, training_batches
+from coft.losses import negative_loss, positive_loss, random_other_labels
+from coft.progress import StageReport
+from coft.prompts import PromptLearner
+from coft.vpt import prompted_visual
+
+
+class PromptModel(nn.Module):
+    """Frozen CLIP + learnable positive/negative text prompts + visual prompts. Only those train."""
+
+    def __init__(self, backbone: Backbone, class_names: Sequence[str], config: Phase1Config, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.prompts = PromptLearner(backbone, class_names, config.context_tokens, config.context_init_std, generator)
+        self.visual = prompted_visual(backbone.model.visual, backbone.model_cfg["embed_dim"], config.vpt_tokens,
+                                      config.vpt_deep, config.vpt_init_std, generator)
+        self.scale = backbone.logit_scale
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(pixels), dim=-1)
+
+    def similarities(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s+, s-): [B, C] cosine similarities to the positive and negative prompts."""
+        image = self.image_features(pixels)
+        return image @ self.prompts("positive").T, image @ self.prompts("negative").T
+
+
+def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image],
+                       indices: torch.Tensor, labels: torch.Tensor, config: Phase1Config, seed: int,
+                       num_workers: int = 0, report: StageReport | None = None) -> tuple[PromptModel, list[dict]]:
+    """Train a fresh PromptModel on images[indices] with pseudo-labels; returns it and per-epoch losses."""
+    model = PromptModel(backbone, class_names, config, seed)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    transform = (backbone.train_transform(config.crop_scale_min, config.hflip) if config.augment
+                 else backbone.eval_transform())
+    loader = training_batches(images, transform, config.batch_size, seed, indices.tolist(), labels, num_workers)
+    total_steps = max(1, config.epochs * len(loader))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    scaler = grad_scaler(backbone.device)
+    generator = torch.Generator().manual_seed(seed + 7919)
+    num_classes = len(class_names)
+    history, step = [], 0
+    for epoch in range(config.epochs):
+        sums = {"l1": 0.0, "l2": 0.0, "n": 0}
+        for pixels, batch_labels, _ in loader:
+            pixels, batch_labels = pixels.to(backbone.device), batch_labels.to(backbone.device)
+            others = random_other_labels(batch_labels, num_classes, generator)
+            with backbone.autocast():
+                l1, l2 = _losses(model, pixels, batch_labels, others, config)
+                loss = l1 + config.negative_weight * l2
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            step += 1
+            sums["l1"] += l1.item() * len(pixels)
+            sums["l2"] += l2.item() * len(pixels)
+            sums["n"] += len(pixels)
+            if report is not None:
+                report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
+        history.append({"epoch": epoch + 1, "l1": sums["l1"] / max(sums["n"], 1), "l2": sums["l2"] / max(sums["n"], 1)})
+    model.eval()
+    return model, history
+
+
+def _losses(model: PromptModel, pixels, labels, others, config: Phase1Config):
+    image = model.image_features(pixels).float()
+    text_pos = model.prompts("positive").float()
+    text_neg = model.prompts("negative").float()
+    l1 = positive_loss(image @ text_pos.T, labels, model.scale)
+    # L2 regularises the visual prompts through the image features (kept attached by default), but
+    # must not drag the positive prompts, which L1 owns: hence the detached positive text.
+    image_l2 = image.detach() if config.detach_image_in_l2 else image
+    text_pos_l2 = text_pos.detach() if config.detach_positive_text_in_l2 else text_pos
+    l2 = negative_loss(image_l2 @ text_pos_l2.T, image_l2 @ text_neg.T, labels, others, model.scale)
+    return l1, l2
+
+
+def score_images(model: PromptModel, backbone: Backbone, images: Sequence[Image.Image], batch_size: int,
+                 num_workers: int = 0, report: StageReport | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s+, s-) [N, C] for every image, with the test-time transform."""
+    done = [0]
+
+    def on_batch(n: int) -> None:
+        done[0] += n
+        if report is not None:
+            report(done[0] / max(len(images), 1), "scoring")
+
+    def similarities(pixels):
+        with backbone.autocast():
+            return model.similarities(pixels)
+
+    model.eval()
+    return map_batches(similarities, images, backbone.eval_transform(), batch_size, backbone.device, num_workers,
+                       on_batch)

@@ -1,0 +1,61 @@
+"""Phase II: full fine-tuning of a fresh vision tower + linear head on a clean set (paper Sec. 3.2, Eq. 7).
+
+The loader walks all of U every epoch, as the method spec fixes; the cross-entropy sees only the
+samples the other model validated. Rejected samples are not even forwarded: without a term that
+uses them, they would add cost and change nothing (the vision transformer has no batch statistics).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from coft.backbone import Backbone, grad_scaler
+from coft.classifier import ImageClassifier
+from coft.config import Phase2Config
+from coft.loader import training_batches
+from coft.progress import StageReport
+
+
+def fine_tune(model: ImageClassifier, backbone: Backbone, images: Sequence[Image.Image], labels: torch.Tensor,
+              clean: torch.Tensor, config: Phase2Config, seed: int, num_workers: int = 0,
+              report: StageReport | None = None) -> list[dict]:
+    """Train every weight of `model` with CE on the clean samples; returns per-epoch losses.
+
+    `backbone` gives the device and the preprocessing of the Phase II architecture.
+    """
+    model.to(backbone.device).train().requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    transform = (backbone.train_transform(config.crop_scale_min, config.hflip) if config.augment
+                 else backbone.eval_transform())
+    loader = training_batches(images, transform, config.batch_size, seed, labels=labels, num_workers=num_workers)
+    total_steps = max(1, config.epochs * len(loader))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    scaler = grad_scaler(backbone.device)
+    clean = clean.bool()
+    history, step = [], 0
+    for epoch in range(config.epochs):
+        total, seen = 0.0, 0
+        for pixels, batch_labels, indices in loader:
+            step += 1
+            keep = clean[indices]
+            if keep.any():
+                pixels, batch_labels = pixels[keep].to(backbone.device), batch_labels[keep].to(backbone.device)
+                with backbone.autocast():
+                    loss = F.cross_entropy(model(pixels).float(), batch_labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.item() * len(pixels)
+                seen += len(pixels)
+            schedule.step()
+            if report is not None:
+                report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
+        history.append({"epoch": epoch + 1, "ce": total / max(seen, 1)})
+    model.eval().requires_grad_(False)
+    return history
