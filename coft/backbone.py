@@ -99,12 +99,6 @@ def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
-def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """Loss scaling is needed for float16 autocast only (GPUs without bfloat16)."""
-    enabled = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler("cuda", enabled=enabled)
-
-
 def train_transform(preprocess_cfg: dict[str, Any], crop_scale_min: float, hflip: bool) -> Callable:
     size = preprocess_cfg["size"]
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)

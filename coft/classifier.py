@@ -154,8 +154,11 @@ class Classifier(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Classifier":
         path = Path(path)
-        metadata = json.loads((path / METADATA_FILE).read_text())
-        if metadata.get("format") != ARTIFACT_FORMAT:
+        try:
+            metadata = json.loads((path / METADATA_FILE).read_text())
+        except (OSError, ValueError) as error:  # no classifier.json (not an artifact), or not JSON
+            raise ValueError(f"{path} is not a coft classifier artifact ({error})") from error
+        if not isinstance(metadata, dict) or metadata.get("format") != ARTIFACT_FORMAT:
             raise ValueError(f"{path} is not a coft classifier artifact")
         if metadata.get("version", 0) > ARTIFACT_VERSION:
             raise ValueError(f"{path} was written by a newer coft (artifact version {metadata['version']})")

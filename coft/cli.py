@@ -51,7 +51,7 @@ def adapt(
     model: str = typer.Option("proxy", "--model", help="open_clip model: ViT-B-16, local-dir:PATH, hf-hub:ORG/REPO"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or checkpoint file"),
     template: Optional[str] = typer.Option(None, "--template", help='zero-shot template, default "a photo of a {}."'),
-    seed: int = typer.Option(0, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="default: the config file's seed, else 0"),
     config_file: Optional[Path] = typer.Option(None, "--config", exists=True, help="JSON overrides of the method config"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="resume an interrupted run from here"),
     evaluate: Optional[Path] = typer.Option(None, "--eval", exists=True,
@@ -70,8 +70,14 @@ def adapt(
     if method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
     names = _class_names(classes, classes_file)
-    overrides = json.loads(config_file.read_text()) if config_file else {}
-    overrides["seed"] = seed
+    try:
+        overrides = json.loads(config_file.read_text()) if config_file else {}
+    except ValueError as error:
+        raise typer.BadParameter(f"not valid JSON: {error}", param_hint="--config") from error
+    if not isinstance(overrides, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint="--config")
+    if seed is not None:  # an explicit --seed wins over the file's; the default must not
+        overrides["seed"] = seed
     if template is not None:
         if "{}" not in template:
             raise typer.BadParameter('the template needs a "{}" for the class name', param_hint="--template")
@@ -122,7 +128,11 @@ def predict(
     """Label IMAGES with a classifier written by `coft adapt` (or exported by the service)."""
     from coft.classifier import Classifier
 
-    model = Classifier.load(classifier, device=device)
+    try:
+        model = Classifier.load(classifier, device=device)
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from error
     image_set = _open(images)
     predictions = model.predict(image_set, batch_size=batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)

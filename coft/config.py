@@ -7,6 +7,7 @@ Configs are plain dataclasses: `CoFTConfig.from_dict` takes the JSON a user or t
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,18 +86,26 @@ def _from_dict(cls, values: dict[str, Any], path: str):
         raise ValueError(f"unknown {path} keys: {', '.join(unknown)}")
     kwargs = {}
     defaults = cls()
+    hints = typing.get_type_hints(cls)
     for name, value in values.items():
         default = getattr(defaults, name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _from_dict(type(default), value, f"{path}.{name}")
         else:
-            kwargs[name] = _coerce(value, default, f"{path}.{name}")
+            kwargs[name] = _coerce(value, default, hints[name], f"{path}.{name}")
     return dataclasses.replace(defaults, **kwargs)
 
 
-def _coerce(value: Any, default: Any, path: str) -> Any:
-    if default is None or value is None:
-        return value
+def _coerce(value: Any, default: Any, hint: Any, path: str) -> Any:
+    if value is None:
+        if default is None:  # an optional field (`str | None`)
+            return None
+        raise ValueError(f"{path} must not be null")
+    if default is None:  # an optional field: check against its annotation, e.g. `str | None`
+        allowed = tuple(t for t in typing.get_args(hint) if isinstance(t, type) and t is not type(None))
+        if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+            return value
+        raise ValueError(f"{path} must be {' or '.join(t.__name__ for t in allowed)} or null")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{path} must be true or false")

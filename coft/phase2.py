@@ -56,6 +56,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: Sequence[Image
             schedule.step()
             if report is not None:
                 report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
-        history.append({"epoch": epoch + 1, "ce": total / max(seen, 1)})
+        # None, not 0.0, for an epoch without a single clean sample: nothing was fitted.
+        history.append({"epoch": epoch + 1, "ce": total / seen if seen else None})
     model.eval().requires_grad_(False)
     return history

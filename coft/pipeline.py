@@ -97,8 +97,9 @@ class _Run:
     def execute(self) -> AdaptResult:
         zero_shot = self._stage("zero-shot", self._zero_shot)
         if self.method == "zero-shot":
+            text_features = zero_shot["text_features"].to(self.backbone.device)
             members = [ImageClassifier(copy.deepcopy(self.backbone.model.visual),
-                                       text_head(zero_shot["text_features"], self.backbone.logit_scale))]
+                                       text_head(text_features, self.backbone.logit_scale))]
             return self._finish(members, self.backbone, zero_shot)
         prompt_models = [self._phase1_model(i, zero_shot) for i in (1, 2)]
         filtered = self._stage("filter", lambda report: self._filter(prompt_models, report))
@@ -110,7 +111,9 @@ class _Run:
         text_features = self._initial_text_features()
         scale = self.backbone.logit_scale
         image_features = self._encode(self.backbone, report)
-        probabilities = (scale * image_features @ text_features.T).softmax(dim=1)
+        # Stage results live on the CPU, as they do when loaded from a checkpoint (and DataLoader
+        # workers cannot touch CUDA tensors).
+        probabilities = (scale * image_features @ text_features.T).softmax(dim=1).cpu()
         indices, labels = top_k_per_class(probabilities, self.config.pseudo_labels.top_k)
         return {"text_features": text_features.cpu(), "probabilities": probabilities,
                 "s_star_indices": indices, "s_star_labels": labels}
@@ -226,7 +229,7 @@ class _Run:
         truth = evaluation.labels.cpu()
         scale = self.backbone.logit_scale
         eval_features = self._encode(self.backbone, None, evaluation.images)
-        zero_shot_predicted = (eval_features @ zero_shot["text_features"].T).argmax(dim=1)
+        zero_shot_predicted = (eval_features @ zero_shot["text_features"].to(eval_features.device).T).argmax(dim=1)
         accuracy = {"zero_shot": _accuracy(zero_shot_predicted, truth)}
         # Label quality on U itself needs U's labels, which only a benchmark has; here only the holdout.
         if filtered is not None:
@@ -272,7 +275,11 @@ class _Run:
                 self.tracker.emit(name, 1.0, "resumed from checkpoint")
                 return saved
         self.tracker.emit(name, 0.0, "starting")
-        result = compute(self.tracker.reporter(name))
+        # Random augmentations (torchvision) and a random head init draw from torch's global RNG: seed
+        # it per stage, so a stage computes the same whether it runs after the others or on a resume.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed * 1000 + list(self.tracker.weights).index(name))
+            result = compute(self.tracker.reporter(name))
         if self.checkpoints is not None:
             self.checkpoints.save(name, result)
         self.tracker.emit(name, 1.0, "done")
