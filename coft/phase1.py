@@ -41,7 +41,7 @@ class PromptModel(nn.Module):
     def similarities(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s+, s-): [B, C] cosine similarities to the positive and negative prompts."""
         image = self.image_features(pixels)
-        return image @ self.prompts("positive").T, image @ self.prompts("negative").T
+        return cosines(image, self.prompts("positive")), cosines(image, self.prompts("negative"))
 
 
 def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image],
@@ -85,16 +85,26 @@ def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: S
     return model, history
 
 
+def cosines(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """[B, C] similarities of unit vectors, in float32 even under autocast.
+
+    The filter's strict s+ > s- compares values near 0.3 that differ by little; bfloat16 resolves
+    only about 0.001 there, which would turn small margins into ties or flip them.
+    """
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        return image.float() @ text.float().T
+
+
 def _losses(model: PromptModel, pixels, labels, others, config: Phase1Config):
     image = model.image_features(pixels).float()
     text_pos = model.prompts("positive").float()
     text_neg = model.prompts("negative").float()
-    l1 = positive_loss(image @ text_pos.T, labels, model.scale)
+    l1 = positive_loss(cosines(image, text_pos), labels, model.scale)
     # L2 regularises the visual prompts through the image features (kept attached by default), but
     # must not drag the positive prompts, which L1 owns: hence the detached positive text.
     image_l2 = image.detach() if config.detach_image_in_l2 else image
     text_pos_l2 = text_pos.detach() if config.detach_positive_text_in_l2 else text_pos
-    l2 = negative_loss(image_l2 @ text_pos_l2.T, image_l2 @ text_neg.T, labels, others, model.scale)
+    l2 = negative_loss(cosines(image_l2, text_pos_l2), cosines(image_l2, text_neg), labels, others, model.scale)
     return l1, l2
 
 

@@ -105,7 +105,7 @@ class _Run:
         filtered = self._stage("filter", lambda report: self._filter(prompt_models, report))
         phase2_backbone = self._phase2_backbone()
         members = [self._phase2_model(i, filtered, phase2_backbone) for i in (1, 2)]
-        return self._finish(members, phase2_backbone, zero_shot, filtered)
+        return self._finish(members, phase2_backbone, zero_shot, filtered, prompt_models)
 
     def _zero_shot(self, report) -> dict[str, Any]:
         text_features = self._initial_text_features()
@@ -180,14 +180,15 @@ class _Run:
         model.load_state_dict(saved["state"])
         return model.eval().requires_grad_(False)
 
-    def _finish(self, members, backbone: Backbone, zero_shot: dict, filtered: dict | None = None) -> AdaptResult:
+    def _finish(self, members, backbone: Backbone, zero_shot: dict, filtered: dict | None = None,
+                prompt_models: list[PromptModel] | None = None) -> AdaptResult:
         report = self.tracker.reporter("finish")
         classifier = Classifier(members, self.class_names, backbone.model_cfg, backbone.preprocess_cfg)
         predictions = classifier.predict(self.images, self.config.eval_batch_size)
         report(0.5, "predicting")
         self.metrics.update(self._quality_signals(zero_shot, filtered, predictions))
         if self.evaluation is not None:
-            self.metrics["accuracy"] = self._accuracies(classifier, zero_shot, filtered)
+            self.metrics["accuracy"] = self._accuracies(classifier, zero_shot, prompt_models or [])
         classifier.metadata.update({
             "method": self.method,
             "backbone": {"model": self.backbone.model_id, "pretrained": self.backbone.pretrained},
@@ -224,20 +225,21 @@ class _Run:
                 signals[f"mean_p_clean_model{i}"] = float(filtered["p_clean"][i - 1].mean())
         return signals
 
-    def _accuracies(self, classifier: Classifier, zero_shot: dict, filtered: dict | None) -> dict[str, Any]:
-        evaluation = self.evaluation
-        truth = evaluation.labels.cpu()
-        scale = self.backbone.logit_scale
-        eval_features = self._encode(self.backbone, None, evaluation.images)
+    def _accuracies(self, classifier: Classifier, zero_shot: dict, prompt_models: list[PromptModel]) -> dict[str, Any]:
+        """True accuracy on the labelled holdout of zero-shot, each Phase I and II model, and the final."""
+        images, truth = self.evaluation.images, self.evaluation.labels.cpu()
+        batch_size = self.config.eval_batch_size
+        eval_features = self._encode(self.backbone, None, images)
         zero_shot_predicted = (eval_features @ zero_shot["text_features"].to(eval_features.device).T).argmax(dim=1)
         accuracy = {"zero_shot": _accuracy(zero_shot_predicted, truth)}
-        # Label quality on U itself needs U's labels, which only a benchmark has; here only the holdout.
-        if filtered is not None:
-            for i, member in enumerate(classifier.members, start=1):
-                accuracy[f"phase2_model{i}"] = _accuracy(classifier.member(i - 1).predict(
-                    evaluation.images, self.config.eval_batch_size).indices, truth)
-        accuracy["final"] = _accuracy(classifier.predict(evaluation.images, self.config.eval_batch_size).indices, truth)
-        del scale
+        for i, model in enumerate(prompt_models, start=1):
+            s_pos, _ = score_images(model, self.backbone, images, batch_size, self.config.num_workers)
+            accuracy[f"phase1_model{i}"] = _accuracy(s_pos.argmax(dim=1), truth)
+        if len(classifier.members) > 1:
+            for i in range(len(classifier.members)):
+                accuracy[f"phase2_model{i + 1}"] = _accuracy(classifier.member(i).predict(images, batch_size).indices,
+                                                             truth)
+        accuracy["final"] = _accuracy(classifier.predict(images, batch_size).indices, truth)
         return accuracy
 
     # -- helpers -------------------------------------------------------------------------------

@@ -30,16 +30,16 @@ def random_scene(rng: np.random.Generator) -> Scene:
     kind = "digit" if rng.random() < 0.5 else "shape"
     colour, background_colour = rng.choice(list(COLOURS), size=2, replace=False)
     degradations = []
-    if rng.random() < 0.35:
+    if rng.random() < 0.2:
         degradations.append(str(rng.choice(PRETRAIN_DEGRADATIONS)))
     return Scene(
         kind=kind,
         label=int(rng.integers(10 if kind == "digit" else len(SHAPES))),
         colour=str(colour),
-        background=str(rng.choice(PRETRAIN_BACKGROUNDS, p=[0.4, 0.12, 0.12, 0.12, 0.12, 0.12])),
+        background=str(rng.choice(PRETRAIN_BACKGROUNDS, p=[0.5, 0.1, 0.1, 0.1, 0.1, 0.1])),
         background_colour=str(background_colour),
         size=str(rng.choice(list(SIZES))),
-        position=str(rng.choice(list(POSITIONS), p=[0.6, 0.1, 0.1, 0.1, 0.1])),
+        position=str(rng.choice(list(POSITIONS), p=[0.7, 0.075, 0.075, 0.075, 0.075])),
         font=str(rng.choice(PRETRAIN_FONTS)),
         filled=bool(rng.random() < 0.8),
         degradations=degradations,

@@ -27,9 +27,14 @@ import torch.nn.functional as F
 PROXY_CONFIG_PATH = Path(__file__).with_name("proxy_clip.json")
 
 
-def render_corpus(n_samples: int, seed: int, processes: int = 2):
-    """Render n_samples (image, caption, attributes) triples; returns uint8 images [N,64,64,3]."""
-    chunks = [(seed * 1_000_003 + i, min(4096, n_samples - start)) for i, start in enumerate(range(0, n_samples, 4096))]
+def render_corpus(n_samples: int, seed: int, image_size: int, processes: int = 2):
+    """Render n_samples (image, caption, attributes) triples; uint8 images [N, size, size, 3].
+
+    Scenes are drawn at the renderer's size and resized like open_clip's test transform resizes
+    (bicubic), so pretraining sees what the model later sees.
+    """
+    chunks = [(seed * 1_000_003 + i, min(4096, n_samples - start), image_size)
+              for i, start in enumerate(range(0, n_samples, 4096))]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         parts = pool.starmap(_render_chunk, chunks)
     images = np.concatenate([p[0] for p in parts])
@@ -38,7 +43,7 @@ def render_corpus(n_samples: int, seed: int, processes: int = 2):
     return images, captions, attributes
 
 
-def _render_chunk(seed: int, count: int):
+def _render_chunk(seed: int, count: int, image_size: int):
     from coft.proxy.corpus import sample, scene_attributes
     from coft.proxy.render import render
 
@@ -46,10 +51,16 @@ def _render_chunk(seed: int, count: int):
     images, captions, attributes = [], [], []
     for _ in range(count):
         scene, text, said = sample(rng)
-        images.append(np.asarray(render(scene)))
+        images.append(np.asarray(_resized(render(scene), image_size)))
         captions.append((text, said))
         attributes.append(scene_attributes(scene))
     return np.stack(images), captions, attributes
+
+
+def _resized(image, size: int):
+    from PIL import Image
+
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def match_matrix(said: list[dict], attributes: list[dict]) -> torch.Tensor:
@@ -76,10 +87,10 @@ def multi_positive_clip_loss(image_features, text_features, logit_scale, matches
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("weights"))
-    parser.add_argument("--samples", type=int, default=160_000, help="distinct rendered image-caption pairs")
-    parser.add_argument("--minutes", type=float, default=25.0, help="training time budget (rendering not included)")
+    parser.add_argument("--samples", type=int, default=200_000, help="distinct rendered image-caption pairs")
+    parser.add_argument("--minutes", type=float, default=26.0, help="training time budget (rendering not included)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time budget only)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -97,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     std = torch.tensor(config["preprocess_cfg"]["std"]).view(1, 3, 1, 1)
 
     started = time.time()
-    images, captions, attributes = render_corpus(args.samples, args.seed, processes=args.threads)
+    image_size = config["preprocess_cfg"]["size"]
+    images, captions, attributes = render_corpus(args.samples, args.seed, image_size, processes=args.threads)
     texts = [c[0] for c in captions]
     said = [c[1] for c in captions]
     tokens = tokenizer(texts)
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     budget_s = args.minutes * 60
-    warmup = 200
+    warmup = 300
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(texts))
     cursor, step, train_start = 0, 0, time.time()
@@ -146,18 +158,18 @@ def main(argv: list[str] | None = None) -> None:
                   f"elapsed {time.time() - train_start:.0f}s", flush=True)
         if args.eval_every and step % args.eval_every == 0:
             model.eval()
-            print(f"step {step} held-in zero-shot {held_in_zero_shot(model, tokenizer, mean, std, n=200)}", flush=True)
+            print(f"step {step} held-in zero-shot {held_in_zero_shot(model, tokenizer, mean, std, image_size, n=200)}", flush=True)
             model.train()
 
     model.eval()
-    for task, accuracy in held_in_zero_shot(model, tokenizer, mean, std).items():
+    for task, accuracy in held_in_zero_shot(model, tokenizer, mean, std, image_size).items():
         print(f"held-in zero-shot accuracy, {task}: {accuracy:.3f}", flush=True)
     save(model, config, args.out)
     print(f"saved to {args.out} after {step} steps, {time.time() - started:.0f}s in all", flush=True)
 
 
 @torch.no_grad()
-def held_in_zero_shot(model, tokenizer, mean, std, n: int = 500) -> dict[str, float]:
+def held_in_zero_shot(model, tokenizer, mean, std, image_size: int, n: int = 500) -> dict[str, float]:
     """Zero-shot accuracy on fresh scenes from the pretraining distribution: did it learn?"""
     from coft.proxy.corpus import random_scene
     from coft.proxy.render import DIGIT_WORDS, SHAPES, render
@@ -170,7 +182,8 @@ def held_in_zero_shot(model, tokenizer, mean, std, n: int = 500) -> dict[str, fl
             scene = random_scene(rng)
             if scene.kind == kind:
                 scenes.append(scene)
-        pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+        pixels = torch.from_numpy(np.stack([np.asarray(_resized(render(s), image_size)) for s in scenes]))
+        pixels = pixels.permute(0, 3, 1, 2).float() / 255
         image_features = F.normalize(model.encode_image((pixels - mean) / std), dim=-1)
         text_features = F.normalize(model.encode_text(tokenizer([f"a photo of a {c}." for c in names])), dim=-1)
         predicted = (image_features @ text_features.T).argmax(dim=1)
@@ -179,9 +192,10 @@ def held_in_zero_shot(model, tokenizer, mean, std, n: int = 500) -> dict[str, fl
 
 
 def _augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """A small random translation (pad 4, crop back); colours stay, since captions name them."""
-    padded = F.pad(batch, (4, 4, 4, 4), mode="replicate")
-    dx, dy = rng.integers(0, 9, size=2)
+    """A small random translation (pad, crop back); colours stay, since captions name them."""
+    pad = max(1, batch.shape[-1] // 16)
+    padded = F.pad(batch, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = rng.integers(0, 2 * pad + 1, size=2)
     return padded[:, :, dy:dy + batch.shape[2], dx:dx + batch.shape[3]]
 
 
