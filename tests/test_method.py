@@ -470,7 +470,7 @@ def test_coft_adapt_runs_with_progress_and_quality_signals(tiny_backbone, tiny_i
     assert result.classifier.metadata["config"]["phase1"]["vpt_tokens"] == 2
     # the holdout only measures: true accuracies, consistent with the classifier's own predictions
     accuracy = metrics["accuracy"]
-    assert set(accuracy) == {"zero_shot", "phase2_model1", "phase2_model2", "final"}
+    assert set(accuracy) == {"zero_shot", "phase1_model1", "phase1_model2", "phase2_model1", "phase2_model2", "final"}
     assert accuracy["final"] == pytest.approx((result.predictions.indices == truth).float().mean().item())
     zero_shot = adapt(tiny_images, CLASSES, method="zero-shot", backbone=tiny_backbone, config=tiny_config())
     assert accuracy["zero_shot"] == pytest.approx((zero_shot.predictions.indices == truth).float().mean().item())
