@@ -13,7 +13,8 @@ from app.db import session_scope
 from app.errors import BodySizeLimit, install_error_handlers
 from app.logs import configure_logging
 from app.metrics import LatencyMiddleware, Metrics
-from app.routers import datasets, health
+from app.queue import make_celery
+from app.routers import datasets, health, jobs, models
 from app.settings import Settings, get_settings
 from app.storage import get_storage
 
@@ -47,11 +48,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = get_storage(settings.data_dir)
     app.state.metrics = Metrics(settings.database_url)
+    # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
+    app.state.celery = make_celery(settings) if settings.redis_url else None
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit_for=partial(_body_limit, settings))
     app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
     return app
 
 

@@ -34,6 +34,8 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-def enqueue_job(celery: Celery, job_id: str) -> None:
+def enqueue_job(celery: Celery | None, job_id: str) -> None:
+    if celery is None:
+        raise RuntimeError("no broker configured (REDIS_URL)")
     celery.send_task(TASK_NAME, args=[job_id], retry=True,
                      retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1})

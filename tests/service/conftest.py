@@ -5,7 +5,9 @@ first use) one worker per database backend. Tests stay independent by using a fr
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import pwd
 import shutil
 import subprocess
@@ -183,7 +185,7 @@ class Stack:
         log = self.worker_log.open("wb")
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "worker", "--hostname", f"test-{self.backend}-{uuid.uuid4().hex[:6]}@%h"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(lambda: live_workers(self.settings) or self.worker.poll() is not None, 120, 0.2, "worker")
             if self.worker.poll() is not None:
@@ -193,12 +195,16 @@ class Stack:
             raise
 
     def stop_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
+        if self.worker is not None:
+            # A warm shutdown would wait for the running job; the session is over, so be quick,
+            # and signal the whole process group so no job process outlives the worker.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.worker.pid, signal.SIGQUIT)  # Celery: cold shutdown
             try:
-                self.worker.wait(20)
+                self.worker.wait(5)
             except subprocess.TimeoutExpired:
-                self.worker.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.worker.pid, signal.SIGKILL)
                 self.worker.wait()
         self.worker = None
 
