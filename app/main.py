@@ -14,7 +14,8 @@ from app.errors import BodySizeLimit, install_error_handlers
 from app.logs import configure_logging
 from app.metrics import LatencyMiddleware, Metrics
 from app.queue import make_celery
-from app.routers import datasets, health, jobs, models
+from app.inference import LRUCache
+from app.routers import classifiers, datasets, health, jobs, models, zero_shot
 from app.settings import Settings, get_settings
 from app.storage import get_storage
 
@@ -48,6 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = get_storage(settings.data_dir)
     app.state.metrics = Metrics(settings.database_url)
+    app.state.classifiers = LRUCache(settings.classifier_cache_size)  # loaded artifacts, by classifier id
+    app.state.backbones = LRUCache(settings.classifier_cache_size)  # zero-shot backbones
     # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
     app.state.celery = make_celery(settings) if settings.redis_url else None
     install_error_handlers(app)
@@ -56,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(classifiers.router)
+    app.include_router(zero_shot.router)
     app.include_router(models.router)
     return app
 

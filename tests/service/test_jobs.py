@@ -130,6 +130,7 @@ def test_cancel_while_running_at_each_stage(worker_stack, api, stage):
     assert done["status"] == "cancelled", done
     assert done["classifier_id"] is None
     assert api.get(f"/v1/jobs/{job_id}/predictions").status_code == 409
+    assert api.get("/v1/classifiers").json()["total"] == 0
     # Cancelling again is a no-op.
     assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
