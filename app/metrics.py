@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import case, func, select
 from starlette.requests import Request
-from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.db import session_factory
@@ -78,17 +77,10 @@ class LatencyMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.request_latency.labels(scope["method"], _route(scope), str(status[0])).observe(
+            # The router records the matched route in the scope; its path is the template.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.request_latency.labels(scope["method"], route, str(status[0])).observe(
                 time.perf_counter() - started)
-
-
-def _route(scope: Scope) -> str:
-    app = scope.get("app")
-    for route in getattr(getattr(app, "router", None), "routes", []):
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(route, "path", "unmatched")
-    return "unmatched"
 
 
 def metrics_request(request: Request) -> Metrics:
