@@ -240,12 +240,12 @@ def stacks(redis_server, models_dir, tmp_path_factory, request):
         stack = Stack(backend, settings, env)
         stack.server = ServerThread(create_app(settings))
         stack.server.start()
+        # Registered after PostgreSQL's own teardown, so it runs first: workers stop before their database.
+        request.addfinalizer(stack.stop)
         built[backend] = stack
         return stack
 
-    yield get
-    for stack in built.values():
-        stack.stop()
+    return get
 
 
 @pytest.fixture(params=BACKENDS)
