@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo pretrain-proxy benchmark clean
+.PHONY: install test serve demo pretrain-proxy benchmark clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest -q
+
+# The whole service on this machine: Redis (unless REDIS_URL is set), migrations, the API on
+# 127.0.0.1:8000 (PORT overrides) and one worker; Ctrl-C stops everything. Data in COFT_DATA_DIR (./data).
+serve: install
+	$(PY) -m app.serve
 
 demo: install
 	$(PY) -m coft.demo

@@ -1,0 +1,55 @@
+"""FastAPI dependencies: settings, storage, a DB session per request, the calling tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth import tenant_for_key
+from app.db import session_factory
+from app.errors import Problem
+from app.models import Tenant
+from app.settings import Settings
+from app.storage import Storage
+
+
+def get_settings(request: Request) -> Settings:
+    # Per app, not the process-wide singleton: tests run two apps (SQLite, PostgreSQL) side by side.
+    return request.app.state.settings
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
+    session = session_factory(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer coft_...`")
+
+
+def current_tenant(session: Annotated[Session, Depends(get_session)],
+                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+    unauthorized = {"WWW-Authenticate": "Bearer"}
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Problem(401, "unauthorized", "send an API key as `Authorization: Bearer KEY`", "Unauthorized",
+                      headers=unauthorized)
+    tenant = tenant_for_key(session, credentials.credentials)
+    if tenant is None:
+        raise Problem(401, "unauthorized", "unknown API key", "Unauthorized", headers=unauthorized)
+    return tenant
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]

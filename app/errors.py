@@ -1,0 +1,117 @@
+"""Every error the API returns is RFC 9457 problem+json.
+
+Type URIs: `https://coft.dev/problems/<slug>`. The slug is the stable, machine-readable part;
+clients switch on it (or on the whole URI), never on `title` or `detail`, which are for humans.
+Archive problems reuse coft.data's DataError codes as slugs (`path-traversal`, `zip-bomb`...),
+so the API and the library name a problem the same way. The slugs in use are listed in
+docs/service.md; a new slug is an API addition, renaming one is a breaking change.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_BASE = "https://coft.dev/problems/"
+PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger("app.errors")
+
+
+class Problem(Exception):
+    """Raise anywhere in a request to answer with a problem document."""
+
+    def __init__(self, status: int, slug: str, detail: str, title: str | None = None,
+                 headers: dict[str, str] | None = None, **extensions: Any):
+        super().__init__(detail)
+        self.status, self.slug, self.detail = status, slug, detail
+        self.title = title or slug.replace("-", " ").capitalize()
+        self.headers = headers or {}
+        self.extensions = extensions
+
+
+def not_found(kind: str, id_: str) -> Problem:
+    """Also what another tenant's id answers: existence is not revealed across tenants."""
+    return Problem(404, f"{kind}-not-found", f"no {kind} {id_!r}", title=f"{kind.capitalize()} not found")
+
+
+def problem_response(status: int, slug: str, title: str, detail: str, instance: str | None = None,
+                     headers: dict[str, str] | None = None, **extensions: Any) -> JSONResponse:
+    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail}
+    if instance:
+        body["instance"] = instance
+    body.update(extensions)
+    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+# Problems Starlette/FastAPI raise themselves (unknown route, wrong method, body too large).
+_HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large", 400: "bad-request",
+               401: "unauthorized", 415: "unsupported-media-type"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc.status, exc.slug, exc.title, exc.detail, request.url.path, exc.headers,
+                                **exc.extensions)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
+        return problem_response(422, "validation-error", "Invalid request", detail, request.url.path, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug = _HTTP_SLUGS.get(exc.status_code, f"http-{exc.status_code}")
+        title = HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus._value2member_map_ else slug
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        return problem_response(exc.status_code, slug, title, detail, request.url.path, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: logged with its traceback, answered without internals.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(500, "internal-error", "Internal server error",
+                                "an unexpected error occurred; it has been logged", request.url.path)
+
+
+class BodySizeLimit:
+    """Pure ASGI: refuse request bodies over a per-route limit, as problem+json.
+
+    A declared Content-Length over the limit is answered at once, before anything is read; a
+    chunked body is counted as it streams and stopped when it crosses the limit. (Starlette's own
+    limiter answers in text/plain, which would break the one-error-format rule.)
+    """
+
+    def __init__(self, app, limit_for):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["method"], scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = problem_response(413, "payload-too-large", "Payload too large",
+                                        f"the request body exceeds {limit} bytes", scope["path"])
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                # An HTTPException, so FastAPI's body parsing passes it on to our handler unchanged.
+                raise StarletteHTTPException(413, f"the request body exceeds {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,81 @@
+"""The FastAPI application: `create_app(settings)`; uvicorn runs `app.main:app_factory --factory`."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.auth import ensure_key
+from app.db import session_scope
+from app.errors import BodySizeLimit, install_error_handlers
+from app.logs import configure_logging
+from app.metrics import LatencyMiddleware, Metrics
+from app.queue import make_celery
+from app.inference import LRUCache
+from app.routers import classifiers, datasets, health, jobs, models, zero_shot
+from app.settings import Settings, get_settings
+from app.storage import get_storage
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """
+Unsupervised adaptation of CLIP models (CoFT) as a service.
+
+1. `POST /v1/datasets` an archive of unlabelled images;
+2. `POST /v1/jobs` with the dataset id and your class names; poll `GET /v1/jobs/{id}`;
+3. `POST /v1/classifiers/{id}/predict` with images, or `GET /v1/classifiers/{id}/export` the artifact
+   and run it yourself with `coft predict`.
+
+Authenticate with `Authorization: Bearer <API key>`. Errors are RFC 9457 problem+json documents whose
+`type` is `https://coft.dev/problems/<slug>`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.bootstrap_api_key:
+            with session_scope(settings.database_url) as session:
+                ensure_key(session, settings.bootstrap_tenant, settings.bootstrap_api_key)
+            log.info("bootstrap API key ensured", extra={"tenant": settings.bootstrap_tenant})
+        yield
+
+    app = FastAPI(title="coft", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.storage = get_storage(settings.data_dir)
+    app.state.metrics = Metrics(settings.database_url)
+    app.state.classifiers = LRUCache(settings.classifier_cache_size)  # loaded artifacts, by classifier id
+    app.state.backbones = LRUCache(settings.classifier_cache_size)  # zero-shot backbones
+    # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
+    app.state.celery = make_celery(settings) if settings.redis_url else None
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit_for=partial(_body_limit, settings))
+    app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
+    app.include_router(health.router)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(classifiers.router)
+    app.include_router(zero_shot.router)
+    app.include_router(models.router)
+    return app
+
+
+def _body_limit(settings: Settings, method: str, path: str) -> int:
+    """Uploads and predictions carry files; every other body is a small JSON document."""
+    if method == "POST" and path.rstrip("/") == "/v1/datasets":
+        return settings.max_upload_bytes
+    if method == "POST" and path.endswith("/predict"):
+        return settings.max_predict_bytes
+    return 1 << 20
+
+
+def app_factory() -> FastAPI:
+    """Entry point for `uvicorn --factory`: settings from the environment, JSON logs."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)

@@ -1,0 +1,30 @@
+"""`?limit=&offset=` on every list, newest first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Query
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+
+@dataclass
+class PageParams:
+    limit: int
+    offset: int
+
+
+def page_params(limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                offset: Annotated[int, Query(ge=0)] = 0) -> PageParams:
+    return PageParams(limit, offset)
+
+
+PageDep = Annotated[PageParams, Depends(page_params)]
+
+
+def paginate(session: Session, query: Select, page: PageParams, order_by: Any) -> tuple[list, int]:
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(*order_by).limit(page.limit).offset(page.offset)).all()
+    return list(rows), total

@@ -1,0 +1,97 @@
+"""Classifiers: the artifacts of succeeded jobs. Read, delete, predict, export."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+import zipfile
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Query, Request, UploadFile, status
+from fastapi.responses import FileResponse
+from sqlalchemy import select, update
+from starlette.background import BackgroundTask
+
+from coft.classifier import Classifier as CoftClassifier
+from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.errors import not_found
+from app.inference import prediction_items, read_images
+from app.models import Classifier, Job
+from app.pagination import PageDep, paginate
+from app.schemas import ClassifierOut, Page, PredictResponse
+from app.storage import classifier_dir
+
+router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
+
+
+def get_owned_classifier(session, tenant, classifier_id: str) -> Classifier:
+    row = session.get(Classifier, classifier_id)
+    if row is None or row.tenant_id != tenant.id:
+        raise not_found("classifier", classifier_id)
+    return row
+
+
+@router.get("", response_model=Page[ClassifierOut])
+def list_classifiers(session: SessionDep, tenant: TenantDep, page: PageDep) -> dict:
+    items, total = paginate(session, select(Classifier).where(Classifier.tenant_id == tenant.id), page,
+                            (Classifier.created_at.desc(), Classifier.id))
+    return {"items": [ClassifierOut.of(c) for c in items], "total": total, "limit": page.limit,
+            "offset": page.offset}
+
+
+@router.get("/{classifier_id}", response_model=ClassifierOut)
+def get_classifier(classifier_id: str, session: SessionDep, tenant: TenantDep) -> ClassifierOut:
+    return ClassifierOut.of(get_owned_classifier(session, tenant, classifier_id))
+
+
+@router.delete("/{classifier_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_classifier(classifier_id: str, request: Request, session: SessionDep, tenant: TenantDep,
+                      storage: StorageDep) -> None:
+    row = get_owned_classifier(session, tenant, classifier_id)
+    session.execute(update(Job).where(Job.classifier_id == classifier_id).values(classifier_id=None))
+    session.delete(row)
+    session.commit()
+    request.app.state.classifiers.discard(classifier_id)
+    storage.delete(classifier_dir(classifier_id))
+
+
+@router.post("/{classifier_id}/predict", response_model=PredictResponse,
+             responses={422: {"description": "an image could not be used (problem lists which and why)"}})
+def predict(classifier_id: str, images: Annotated[list[UploadFile], File(description="one or more images")],
+            request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep,
+            top_k: Annotated[int, Query(ge=1, le=100)] = 5) -> PredictResponse:
+    """Label each image (multipart field `images`, repeated): the label, its probability, the top k."""
+    get_owned_classifier(session, tenant, classifier_id)
+    session.close()  # inference can take a while; do not hold a pooled connection meanwhile
+    image_set = read_images(images, settings.max_predict_images)
+
+    def load() -> CoftClassifier:
+        with storage.local_dir(classifier_dir(classifier_id)) as path:
+            return CoftClassifier.load(path, device=settings.device)
+
+    model = request.app.state.classifiers.get(classifier_id, load)
+    request.app.state.metrics.predict_batch.labels("classifier").observe(len(image_set))
+    return PredictResponse(predictions=prediction_items(images, model.predict(image_set), top_k))
+
+
+@router.get("/{classifier_id}/export", response_class=FileResponse,
+            responses={200: {"content": {"application/gzip": {}, "application/zip": {}},
+                             "description": "the artifact directory, as `<classifier_id>/...`"}})
+def export(classifier_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
+           format: Literal["tar.gz", "zip"] = "tar.gz") -> FileResponse:
+    """Download the artifact: unpack it and run `coft predict --classifier <classifier_id> ...`."""
+    get_owned_classifier(session, tenant, classifier_id)
+    handle, archive_path = tempfile.mkstemp(suffix=f".{format}")
+    os.close(handle)
+    with storage.local_dir(classifier_dir(classifier_id)) as source:
+        if format == "zip":
+            with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in sorted(source.rglob("*")):
+                    archive.write(path, f"{classifier_id}/{path.relative_to(source).as_posix()}")
+        else:
+            with tarfile.open(archive_path, "w:gz") as archive:
+                archive.add(source, arcname=classifier_id)
+    media_type = "application/zip" if format == "zip" else "application/gzip"
+    return FileResponse(archive_path, media_type=media_type, filename=f"{classifier_id}.{format}",
+                        background=BackgroundTask(os.unlink, archive_path))

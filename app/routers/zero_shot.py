@@ -1,0 +1,46 @@
+"""Zero-shot CLIP at once, without a job: images + class names + a backbone -> labels."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+
+from app import backbones
+from app.deps import SettingsDep, TenantDep
+from app.errors import Problem
+from app.inference import prediction_items, read_images, zero_shot_classifier
+from app.schemas import PredictResponse
+
+router = APIRouter(prefix="/v1/zero-shot", tags=["zero-shot"])
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@router.post("/predict", response_model=PredictResponse)
+def zero_shot_predict(
+    images: Annotated[list[UploadFile], File(description="one or more images")],
+    class_names: Annotated[list[str], Form(description="repeat the field once per class")],
+    request: Request, settings: SettingsDep, tenant: TenantDep,
+    model: Annotated[str | None, Form(description="default: the service's default model")] = None,
+    pretrained: Annotated[str | None, Form()] = None,
+    template: Annotated[str, Form()] = DEFAULT_TEMPLATE,
+    top_k: Annotated[int, Query(ge=1, le=100)] = 5,
+) -> PredictResponse:
+    """Classify images by their similarity to "a photo of a {class}." with a CLIP backbone."""
+    names = [n.strip() for n in class_names]
+    if len(names) < 2 or any(not n for n in names) or len({n.casefold() for n in names}) != len(names):
+        raise Problem(422, "invalid-class-names", "give two or more distinct, non-blank class names")
+    if template.count("{}") != 1:
+        raise Problem(422, "invalid-template", 'the template needs exactly one "{}" for the class name')
+    model_id, weights = backbones.resolve(settings, model or settings.default_model, pretrained or None)
+    image_set = read_images(images, settings.max_predict_images)
+
+    def load():
+        from coft.backbone import load_backbone
+
+        return load_backbone(model_id, weights, settings.device)
+
+    backbone = request.app.state.backbones.get((model_id, weights), load)
+    classifier = zero_shot_classifier(backbone, names, template)
+    request.app.state.metrics.predict_batch.labels("zero-shot").observe(len(image_set))
+    return PredictResponse(predictions=prediction_items(images, classifier.predict(image_set), top_k))

@@ -1,0 +1,181 @@
+"""Request and response bodies. Examples here are what /docs shows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class RejectedFileOut(BaseModel):
+    path: str
+    reason: str
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
+        "id": "ds_3f9c2a1b7e8d4c5a6b7c", "filename": "birds.zip", "size_bytes": 18223311, "sha256": "9f86d0...",
+        "num_images": 1200, "num_rejected": 1,
+        "rejected": [{"path": "notes.txt", "reason": "not an image file"}], "created_at": "2026-01-01T12:00:00Z"}]})
+
+    id: str
+    filename: str
+    size_bytes: int
+    sha256: str
+    num_images: int
+    num_rejected: int
+    rejected: list[RejectedFileOut] = Field(description="why files were skipped (the first 1000)")
+    created_at: datetime
+
+
+class BackboneSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="`proxy`, a folder of the models directory, an open_clip architecture "
+                                   "(e.g. ViT-B-16, with `pretrained`) or hf-hub:ORG/REPO",
+                       examples=["proxy", "ViT-B-16"])
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, for architecture names",
+                                   examples=["openai"])
+
+
+Method = Literal["zero-shot", "coft"]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "dataset_id": "ds_3f9c2a1b7e8d4c5a6b7c", "class_names": ["sparrow", "robin", "blue jay"], "method": "coft",
+        "backbone": {"model": "proxy"}, "config": {"phase1": {"epochs": 10}}}]})
+
+    dataset_id: str
+    class_names: list[str] = Field(min_length=2, max_length=1000)
+    method: Method = "coft"
+    backbone: BackboneSpec | None = Field(None, description="default: the service's default model (proxy)")
+    template: str | None = Field(None, description='zero-shot prompt template with "{}" for the class name',
+                                 examples=["a photo of a {}, a type of bird."])
+    config: dict[str, Any] | None = Field(None, description="overrides of the method config (coft.config)")
+    eval_dataset_id: str | None = Field(None, description="labelled archive (class-name folders): reports true "
+                                                          "accuracy, never used for training")
+
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        names = [n.strip() for n in names]
+        if any(not n or len(n) > 200 for n in names):
+            raise ValueError("class names must be 1 to 200 characters")
+        if len({n.casefold() for n in names}) != len(names):
+            raise ValueError("class names must be distinct")
+        return names
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        if template is not None and (template.count("{}") != 1 or len(template) > 500):
+            raise ValueError('the template needs exactly one "{}" for the class name')
+        return template
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "job_8e1f0c2d3b4a59687766", "status": "running", "stage": "phase1-model1", "progress": 0.31,
+        "eta_s": 412.0, "metrics": {"s_star_size": 48}, "error": None, "classifier_id": None,
+        "dataset_id": "ds_3f9c2a1b7e8d4c5a6b7c", "eval_dataset_id": None, "class_names": ["sparrow", "robin"],
+        "method": "coft", "backbone": {"model": "proxy", "pretrained": None}, "template": None, "config": {},
+        "attempts": 1, "created_at": "2026-01-01T12:00:00Z", "updated_at": "2026-01-01T12:03:00Z",
+        "started_at": "2026-01-01T12:00:02Z", "finished_at": None}]})
+
+    id: str
+    status: JobStatusName
+    stage: str | None
+    progress: float = Field(description="0..1 over the whole run")
+    eta_s: float | None = Field(description="estimated seconds left, once measurable")
+    metrics: dict[str, Any] = Field(description="label-free quality signals (and accuracy with an eval set)")
+    error: JobError | None
+    classifier_id: str | None
+    dataset_id: str | None
+    eval_dataset_id: str | None
+    class_names: list[str]
+    method: str
+    backbone: BackboneSpec
+    template: str | None
+    config: dict[str, Any]
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job) -> "JobOut":
+        return cls(
+            id=job.id, status=job.status.value, stage=job.stage, progress=job.progress, eta_s=job.eta_s,
+            metrics=job.metrics or {}, classifier_id=job.classifier_id, dataset_id=job.dataset_id,
+            error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+            eval_dataset_id=job.eval_dataset_id, class_names=job.class_names, method=job.method,
+            backbone=BackboneSpec(model=job.backbone_model, pretrained=job.backbone_pretrained),
+            template=job.template, config=job.config or {}, attempts=job.attempts, created_at=job.created_at,
+            updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at)
+
+
+class ClassifierOut(BaseModel):
+    id: str
+    job_id: str | None
+    class_names: list[str]
+    method: str
+    backbone: BackboneSpec
+    num_members: int
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row) -> "ClassifierOut":
+        return cls(id=row.id, job_id=row.job_id, class_names=row.class_names, method=row.method,
+                   backbone=BackboneSpec(model=row.backbone_model, pretrained=row.backbone_pretrained),
+                   num_members=row.num_members, size_bytes=row.size_bytes, created_at=row.created_at)
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    filename: str
+    label: str
+    probability: float
+    top_k: list[LabelProbability]
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"predictions": [{
+        "filename": "bird.jpg", "label": "robin", "probability": 0.91,
+        "top_k": [{"label": "robin", "probability": 0.91}, {"label": "sparrow", "probability": 0.06}]}]}]})
+
+    predictions: list[ImagePrediction]
+
+
+class DatasetPrediction(BaseModel):
+    name: str = Field(description="the image's path inside the dataset archive")
+    label: str
+    probability: float
+
+
+class ModelOut(BaseModel):
+    name: str
+    kind: Literal["proxy", "models-dir"]

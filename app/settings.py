@@ -1,0 +1,65 @@
+"""All service settings, read once from the environment (prefix COFT_, plus REDIS_URL and DATABASE_URL).
+
+One class, shared by the API, the worker and the CLI, so a deployment is configured in one place.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COFT_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Path("data")  # datasets, checkpoints, classifier artifacts, the SQLite file
+    models_dir: Path | None = None  # operator-supplied open_clip local-dir models; default <data_dir>/models
+    # The usual unprefixed names win because every hosting platform and tool speaks them.
+    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "COFT_DATABASE_URL"))
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "COFT_REDIS_URL"))
+    bootstrap_api_key: str | None = None  # created at start for tenant `bootstrap_tenant` if missing
+    bootstrap_tenant: str = "default"
+
+    # Uploads
+    max_upload_bytes: int = 2 * 2**30
+    max_predict_images: int = 64  # per predict request
+    max_predict_bytes: int = 64 * 2**20  # per predict request body
+    classifier_cache_size: int = 4  # loaded classifiers (and zero-shot backbones) kept in memory
+
+    # Jobs
+    default_model: str = "proxy"
+    device: str | None = None  # torch device for jobs and predictions; None: cuda when available
+    heartbeat_interval_s: float = 5.0  # how often a running job writes progress + heartbeat
+    heartbeat_stale_s: float = 120.0  # a RUNNING job silent this long has lost its worker
+    sweep_interval_s: float = 15.0
+    max_attempts: int = 3  # worker deaths tolerated per job before it is FAILED
+    job_time_limit_s: int = 24 * 3600  # hard limit per job attempt; the soft limit is 60 s earlier
+    # Test and demo aid: sleep this long in every progress event so a tiny job's stages can be watched.
+    worker_progress_delay_s: float = 0.0
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _defaults_under_data_dir(self) -> "Settings":
+        if self.models_dir is None:
+            self.models_dir = self.data_dir / "models"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'coft.db').resolve()}"
+        if self.heartbeat_stale_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_stale_s must exceed twice heartbeat_interval_s")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("REDIS_URL is not set (`python -m app.serve` starts a Redis for you)")
+        return self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

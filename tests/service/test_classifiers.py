@@ -1,0 +1,148 @@
+"""Classifiers: predict, export (loaded by `coft predict`), delete, isolation; and zero-shot predict."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+from tests.service.helpers import TINY_MODEL, image_zip, png
+from tests.service.test_jobs import job_body, upload, wait_terminal
+
+_finished: dict[str, tuple[str, dict]] = {}
+
+
+@pytest.fixture
+def adapted(worker_stack):
+    """(api client, succeeded CoFT job) per backend, made once: the full upload -> job -> poll story."""
+    if worker_stack.backend not in _finished:
+        key = worker_stack.new_key()
+        api = worker_stack.client(key)
+        job_id = api.post("/v1/jobs", json=job_body(upload(api, image_zip(20)))).json()["id"]
+        job = wait_terminal(api, job_id)
+        assert job["status"] == "succeeded", job
+        _finished[worker_stack.backend] = (key, job)
+    key, job = _finished[worker_stack.backend]
+    return worker_stack.client(key), job
+
+
+def images(*seeds: int):
+    return [("images", (f"photo{seed}.png", png(seed), "image/png")) for seed in seeds]
+
+
+def test_classifier_predict_and_read(adapted):
+    api, job = adapted
+    classifier_id = job["classifier_id"]
+    classifier = api.get(f"/v1/classifiers/{classifier_id}").json()
+    assert classifier["job_id"] == job["id"] and classifier["class_names"] == ["cat", "dog"]
+    assert classifier["method"] == "coft" and classifier["num_members"] == 2 and classifier["size_bytes"] > 0
+    assert classifier["backbone"] == {"model": TINY_MODEL, "pretrained": None}
+    assert classifier_id in [c["id"] for c in api.get("/v1/classifiers").json()["items"]]
+
+    response = api.post(f"/v1/classifiers/{classifier_id}/predict", files=images(1, 2, 3), params={"top_k": 2})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == ["photo1.png", "photo2.png", "photo3.png"]
+    for p in predictions:
+        assert p["label"] in ("cat", "dog")
+        assert len(p["top_k"]) == 2 and p["top_k"][0] == {"label": p["label"], "probability": p["probability"]}
+        assert abs(sum(t["probability"] for t in p["top_k"]) - 1) < 1e-4
+    # The job's dataset predictions and the predict endpoint come from the same classifier.
+    img000 = api.get(f"/v1/jobs/{job['id']}/predictions", params={"limit": 1}).json()["items"][0]
+    again = api.post(f"/v1/classifiers/{classifier_id}/predict", files=[("images", ("x.png", png(0)))]).json()
+    assert again["predictions"][0]["label"] == img000["label"]
+    assert abs(again["predictions"][0]["probability"] - img000["probability"]) < 1e-4
+
+
+def test_predict_refuses_bad_images(adapted, stack):
+    api, job = adapted
+    url = f"/v1/classifiers/{job['classifier_id']}/predict"
+    bad = api.post(url, files=images(1) + [("images", ("notes.png", b"not an image"))])
+    assert bad.status_code == 422
+    problem = bad.json()
+    assert problem["type"] == "https://coft.dev/problems/unusable-image"
+    assert [r["filename"] for r in problem["rejected"]] == ["notes.png"]
+    assert api.post(url).status_code == 422  # no images at all
+    too_many = api.post(url, files=images(*range(stack.settings.max_predict_images + 1)))
+    assert too_many.json()["type"] == "https://coft.dev/problems/too-many-images"
+
+
+def test_export_is_what_coft_predict_loads(adapted, tmp_path):
+    api, job = adapted
+    classifier_id = job["classifier_id"]
+    response = api.get(f"/v1/classifiers/{classifier_id}/export")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/gzip"
+    assert f'filename="{classifier_id}.tar.gz"' in response.headers["content-disposition"]
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        archive.extractall(tmp_path, filter="data")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes(png(0))
+    subprocess.run([sys.executable, "-m", "coft.cli", "predict", "--classifier", str(tmp_path / classifier_id),
+                    "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out.csv"), "--device", "cpu"],
+                   check=True, capture_output=True)
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    served = api.post(f"/v1/classifiers/{classifier_id}/predict", files=[("images", ("x.png", png(0)))]).json()
+    assert rows[0]["label"] == served["predictions"][0]["label"]
+    assert abs(float(rows[0]["probability"]) - served["predictions"][0]["probability"]) < 1e-4
+
+    as_zip = api.get(f"/v1/classifiers/{classifier_id}/export", params={"format": "zip"})
+    assert as_zip.headers["content-type"] == "application/zip"
+    names = zipfile.ZipFile(io.BytesIO(as_zip.content)).namelist()
+    assert sorted(names) == [f"{classifier_id}/classifier.json", f"{classifier_id}/model.safetensors"]
+
+
+def test_other_tenants_see_nothing(adapted, stack):
+    api, job = adapted
+    other = stack.client(stack.new_key())
+    classifier_id = job["classifier_id"]
+    for method, url in [("GET", f"/v1/classifiers/{classifier_id}"), ("GET", f"/v1/classifiers/{classifier_id}/export"),
+                        ("DELETE", f"/v1/classifiers/{classifier_id}"), ("GET", f"/v1/jobs/{job['id']}"),
+                        ("GET", f"/v1/jobs/{job['id']}/predictions"), ("POST", f"/v1/jobs/{job['id']}/cancel")]:
+        response = other.request(method, url)
+        assert response.status_code == 404, (method, url, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+    assert other.post(f"/v1/classifiers/{classifier_id}/predict", files=images(1)).status_code == 404
+    assert other.get("/v1/classifiers").json()["total"] == 0
+    assert other.get("/v1/jobs").json()["total"] == 0
+    assert api.get(f"/v1/classifiers/{classifier_id}").status_code == 200
+
+
+def test_delete_classifier(worker_stack, api):
+    job_id = api.post("/v1/jobs", json=job_body(upload(api, image_zip(4)), method="zero-shot")).json()["id"]
+    job = wait_terminal(api, job_id)
+    assert job["status"] == "succeeded", job
+    classifier_id = job["classifier_id"]
+    assert api.post(f"/v1/classifiers/{classifier_id}/predict", files=images(1)).status_code == 200  # now cached
+    assert api.delete(f"/v1/classifiers/{classifier_id}").status_code == 204
+    assert api.get(f"/v1/classifiers/{classifier_id}").status_code == 404
+    assert api.post(f"/v1/classifiers/{classifier_id}/predict", files=images(1)).status_code == 404
+    assert api.get(f"/v1/jobs/{job_id}").json()["classifier_id"] is None
+    assert not (worker_stack.settings.data_dir / "store" / "classifiers" / classifier_id).exists()
+
+
+def test_zero_shot_predict(stack, api):
+    form = {"class_names": ["cat", "dog", "bird"], "model": TINY_MODEL}
+    response = api.post("/v1/zero-shot/predict", data=form, files=images(1, 2), params={"top_k": 3})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == ["photo1.png", "photo2.png"]
+    assert all(p["label"] in form["class_names"] and len(p["top_k"]) == 3 for p in predictions)
+    again = api.post("/v1/zero-shot/predict", data=form, files=images(1)).json()["predictions"][0]
+    assert again["label"] == predictions[0]["label"]
+
+    problems = [
+        ({"class_names": ["cat"], "model": TINY_MODEL}, "invalid-class-names"),
+        ({"class_names": ["cat", "dog"], "model": "nope"}, "unknown-model"),
+        ({"class_names": ["cat", "dog"], "model": TINY_MODEL, "template": "no slot"}, "invalid-template"),
+    ]
+    for data, slug in problems:
+        response = api.post("/v1/zero-shot/predict", data=data, files=images(1))
+        assert response.status_code == 422 and response.json()["type"].endswith(slug), response.text
+    assert api.post("/v1/zero-shot/predict", data=form).status_code == 422  # no images
+    assert stack.client().post("/v1/zero-shot/predict", data=form, files=images(1)).status_code == 401

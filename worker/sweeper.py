@@ -1,0 +1,62 @@
+"""Runs in each worker's main process: re-queues jobs whose worker died, and announces the worker.
+
+Every worker sweeps; that is safe because each re-queue is a conditional UPDATE that only one
+sweeper can win, and it saves running a separate scheduler (celery beat) process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery import Celery
+
+from app.db import session_scope
+from app.jobs import sweep_stale
+from app.queue import enqueue_job
+from app.settings import Settings
+from app.workers import KEY_PREFIX, announce, redis_client
+
+log = logging.getLogger("worker.sweeper")
+
+
+class Sweeper(threading.Thread):
+    def __init__(self, settings: Settings, celery: Celery, hostname: str):
+        super().__init__(name="coft-sweeper", daemon=True)
+        self.settings, self.celery, self.hostname = settings, celery, hostname
+        self._stopping = threading.Event()
+        self._redis = redis_client(settings)
+
+    def run(self) -> None:
+        while True:
+            self.tick()
+            if self._stopping.wait(self.settings.sweep_interval_s):
+                break
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(5)
+        try:
+            self._redis.delete(KEY_PREFIX + self.hostname)
+        except Exception:  # noqa: BLE001 - shutting down anyway; the key expires by itself
+            pass
+
+    def tick(self) -> None:
+        try:
+            import torch  # already imported by worker.tasks; asking does not initialise CUDA
+
+            announce(self._redis, self.hostname, {"pid": os.getpid(), "cuda_initialized": torch.cuda.is_initialized()},
+                     ttl_s=max(3 * self.settings.sweep_interval_s, 5.0))
+        except Exception:  # noqa: BLE001 - Redis down: /readyz will say so; keep sweeping
+            log.warning("could not announce the worker in Redis", exc_info=True)
+        try:
+            with session_scope(self.settings.database_url) as session:
+                result = sweep_stale(session, self.settings.heartbeat_stale_s, self.settings.max_attempts)
+            for job_id in result.requeued:
+                enqueue_job(self.celery, job_id)
+            for kind in ("requeued", "failed", "cancelled"):
+                for job_id in getattr(result, kind):
+                    log.warning(f"stale job {kind}", extra={"job_id": job_id})
+        except Exception:  # noqa: BLE001 - a database hiccup must not kill the sweeper thread
+            log.exception("sweep failed")

@@ -1,0 +1,192 @@
+"""The one task: run a job. Thin glue between the job row and coft.pipeline.adapt.
+
+Claim the row (QUEUED -> RUNNING), run adapt() with a progress callback that writes progress to the
+row and stops the run when the row says so (cancel, or the job was handed to another worker),
+store the artifact and the predictions, then SUCCEEDED. A heartbeat thread keeps `heartbeat_at`
+fresh even when adapt() is silent (loading a large backbone), so the sweeper can tell a slow job
+from a dead worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+
+import coft.pipeline  # noqa: F401 - imported in the parent, so each forked job process starts fast
+from app import backbones
+from app.db import session_scope
+from app.errors import Problem
+from app.jobs import claim, fail, heartbeat, mark_cancelled, status_of, succeed
+from app.models import Classifier, Job, JobStatus, new_id
+from app.queue import TASK_NAME
+from app.settings import Settings, get_settings
+from app.storage import classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions
+from coft.config import CoFTConfig
+from coft.data import DataError, open_images, open_labelled_images
+from coft.pipeline import LabelledImages, adapt
+from coft.progress import Progress
+from worker.celery_app import celery_app
+
+log = logging.getLogger("worker.tasks")
+
+
+class Stopped(Exception):
+    """The row no longer says RUNNING for our attempt: cancelled, or taken over after we went silent."""
+
+
+class JobFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@celery_app.task(name=TASK_NAME, ignore_result=True)
+def run_job(job_id: str) -> None:
+    JobRun(get_settings(), job_id).run()
+
+
+def _json_safe(value: Any) -> Any:
+    """Metrics as JSON: tensors become lists, anything else unknown becomes its string."""
+    def default(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return item.tolist()
+        return str(item)
+    return json.loads(json.dumps(value, default=default))
+
+
+class JobRun:
+    def __init__(self, settings: Settings, job_id: str):
+        self.settings, self.job_id = settings, job_id
+        self.db = settings.database_url
+        self.storage = get_storage(settings.data_dir)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.attempt = 0
+        self.stop = threading.Event()  # set by the heartbeat thread when the row stops saying RUNNING
+        self.done = threading.Event()
+        self.last_write, self.last_stage = 0.0, None
+
+    def run(self) -> None:
+        with session_scope(self.db) as session:
+            attempt = claim(session, self.job_id, self.worker)
+        if attempt is None:  # a duplicate message, or cancelled while queued: nothing to do
+            log.info("job not claimed", extra={"job_id": self.job_id})
+            return
+        self.attempt = attempt
+        log.info("job started", extra={"job_id": self.job_id, "attempt": attempt})
+        beat = threading.Thread(target=self._heartbeat_loop, name="coft-heartbeat", daemon=True)
+        beat.start()
+        terminal = True
+        try:
+            self._execute()
+        except Stopped:
+            with session_scope(self.db) as session:
+                if status_of(session, self.job_id) == JobStatus.CANCELLING:
+                    mark_cancelled(session, self.job_id, attempt)
+                    log.info("job cancelled", extra={"job_id": self.job_id})
+                else:  # another attempt owns the job now: leave its row and checkpoints alone
+                    terminal = False
+                    log.warning("job taken over, stopping", extra={"job_id": self.job_id})
+        except SoftTimeLimitExceeded:
+            self._fail("time-limit", f"the job ran longer than {self.settings.job_time_limit_s} s")
+        except JobFailure as failure:
+            self._fail(failure.code, failure.message)
+        except DataError as error:
+            self._fail(error.code, error.message)
+        except Exception as error:  # noqa: BLE001 - whatever adapt() raised, the row must say why
+            log.exception("job failed", extra={"job_id": self.job_id})
+            self._fail("adaptation-failed", f"{type(error).__name__}: {error}")
+        finally:
+            self.done.set()
+            beat.join(5)
+        if terminal:
+            self.storage.delete(job_checkpoints(self.job_id))  # only a retry would need them
+
+    def _fail(self, code: str, message: str) -> None:
+        with session_scope(self.db) as session:
+            after = fail(session, self.job_id, self.attempt, code, message)
+        log.info("job ended", extra={"job_id": self.job_id, "status": after and after.value, "error_code": code})
+
+    # -- the work ---------------------------------------------------------------------------
+
+    def _execute(self) -> None:
+        with session_scope(self.db) as session:
+            job = session.get(Job, self.job_id)
+        if job.dataset_id is None:
+            raise JobFailure("dataset-deleted", "the job's dataset was deleted")
+        try:
+            model, pretrained = backbones.resolve(self.settings, job.backbone_model, job.backbone_pretrained)
+        except Problem as problem:
+            raise JobFailure(problem.slug, problem.detail) from None
+        config = CoFTConfig.from_dict(job.config)
+        with self.storage.local_file(dataset_archive(job.dataset_id)) as path:
+            images = open_images(path)
+        evaluation = None
+        if job.eval_dataset_id is not None:
+            with self.storage.local_file(dataset_archive(job.eval_dataset_id)) as path:
+                labelled = open_labelled_images(path, class_names=job.class_names)
+            evaluation = LabelledImages(labelled.images, torch.tensor(labelled.labels))
+        with self.storage.work_dir(job_checkpoints(self.job_id)) as checkpoints:
+            result = adapt(images, job.class_names, method=job.method, model=model, pretrained=pretrained,
+                           config=config, progress=self._progress, checkpoint_dir=checkpoints,
+                           evaluation=evaluation, device=self.settings.device)
+        if self.stop.is_set():
+            raise Stopped()
+
+        classifier_id = new_id("clf")
+        with tempfile.TemporaryDirectory() as scratch:
+            artifact = result.classifier.save(Path(scratch) / "artifact")
+            size = self.storage.put_dir(classifier_dir(classifier_id), artifact)
+        predictions = [{"name": name, "label": label, "probability": probability} for name, label, probability
+                       in zip(images.names, result.predictions.labels, result.predictions.confidences)]
+        self.storage.write(job_predictions(self.job_id), [json.dumps(predictions).encode()])
+        row = Classifier(id=classifier_id, tenant_id=job.tenant_id, job_id=job.id, class_names=job.class_names,
+                         method=job.method, backbone_model=job.backbone_model,
+                         backbone_pretrained=job.backbone_pretrained,
+                         num_members=len(result.classifier.members), size_bytes=size)
+        with session_scope(self.db) as session:
+            succeeded = succeed(session, self.job_id, self.attempt, row, _json_safe(result.metrics))
+        if not succeeded:  # cancelled (or taken over) while the artifact was being written
+            self.storage.delete(classifier_dir(classifier_id))
+            self.storage.delete(job_predictions(self.job_id))
+            raise Stopped()
+        log.info("job succeeded", extra={"job_id": self.job_id, "classifier_id": classifier_id})
+
+    # -- progress, heartbeat, cancellation ------------------------------------------------------
+
+    def _progress(self, event: Progress) -> None:
+        """Called by adapt() many times per stage. Raising here stops the run (coft's contract)."""
+        if self.settings.worker_progress_delay_s:
+            time.sleep(self.settings.worker_progress_delay_s)
+        if self.stop.is_set():
+            raise Stopped()
+        now = time.monotonic()
+        # Write on every stage change (users watch stages) and otherwise at the heartbeat rate.
+        if event.stage == self.last_stage and now - self.last_write < self.settings.heartbeat_interval_s:
+            return
+        self.last_stage, self.last_write = event.stage, now
+        with session_scope(self.db) as session:
+            alive = heartbeat(session, self.job_id, self.attempt, stage=event.stage, progress=event.fraction,
+                              eta_s=event.eta_s, metrics=_json_safe(event.metrics))
+        if not alive:
+            self.stop.set()
+            raise Stopped()
+
+    def _heartbeat_loop(self) -> None:
+        while not self.done.wait(self.settings.heartbeat_interval_s):
+            try:
+                with session_scope(self.db) as session:
+                    if not heartbeat(session, self.job_id, self.attempt):
+                        self.stop.set()
+                        return
+            except Exception:  # noqa: BLE001 - a missed beat is fine; a stale one is the sweeper's call
+                log.warning("heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
