@@ -1,22 +1,19 @@
 """Predictions in the API process: uploaded images in, labels out, with loaded models cached.
 
-Uploaded images go through coft.data.open_images, the same validation as dataset archives (a
-decompression bomb or a PDF named cat.jpg is refused the same way). coft.data has no public
-single-image decoder, so the files are packed into an in-memory, uncompressed zip for it.
+Uploaded images go through coft.data.decode_image, the same validation as dataset archives (a
+decompression bomb or a PDF named cat.jpg is refused the same way).
 """
 
 from __future__ import annotations
 
-import io
 import threading
-import zipfile
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, TypeVar
 
 from fastapi import UploadFile
 
-from coft.classifier import Classifier, ImageClassifier, Predictions, text_head
-from coft.data import DataError, ImageSet, open_images
+from coft.classifier import Predictions
+from coft.data import DataError, ImageSet, decode_image
 from app.errors import Problem
 from app.schemas import ImagePrediction, LabelProbability
 
@@ -53,20 +50,16 @@ def read_images(files: list[UploadFile], max_images: int) -> ImageSet:
         raise Problem(422, "no-usable-images", "send one or more images in the multipart field `images`")
     if len(files) > max_images:
         raise Problem(422, "too-many-images", f"at most {max_images} images per request, got {len(files)}")
-    packed = io.BytesIO()
-    with zipfile.ZipFile(packed, "w", zipfile.ZIP_STORED) as archive:
-        for index, upload in enumerate(files):
-            # Decoding goes by content, not by name; the index keeps request order (names sort).
-            archive.writestr(f"{index:06d}.png", upload.file.read())
-    try:
-        images = open_images(packed.getvalue())
-    except DataError as error:
-        raise Problem(422, error.code, error.message) from None
-    if images.rejected:
-        rejected = [{"filename": files[int(r.path[:6])].filename, "reason": r.reason} for r in images.rejected]
+    decoded, rejected = [], []
+    for upload in files:
+        try:
+            decoded.append(decode_image(upload.file.read()))
+        except DataError as error:
+            rejected.append({"filename": upload.filename, "reason": error.message})
+    if rejected:
         raise Problem(422, "unusable-image", "; ".join(f"{r['filename']}: {r['reason']}" for r in rejected),
                       "Unusable image", rejected=rejected)
-    return images
+    return ImageSet.from_images(decoded, [upload.filename or f"image-{i}" for i, upload in enumerate(files)])
 
 
 def prediction_items(files: list[UploadFile], predictions: Predictions, top_k: int) -> list[ImagePrediction]:
@@ -74,12 +67,3 @@ def prediction_items(files: list[UploadFile], predictions: Predictions, top_k: i
                             top_k=[LabelProbability(label=name, probability=p) for name, p in ranked])
             for i, (upload, label, probability, ranked) in enumerate(
                 zip(files, predictions.labels, predictions.confidences, predictions.top_k(top_k)))]
-
-
-def zero_shot_classifier(backbone, class_names: list[str], template: str) -> Classifier:
-    """Zero-shot CLIP as a coft Classifier: the head holds the class text embeddings (no training)."""
-    from coft.prompts import class_text_features
-
-    features = class_text_features(backbone, class_names, [template])
-    member = ImageClassifier(backbone.model.visual, text_head(features, backbone.logit_scale))
-    return Classifier([member], class_names, backbone.model_cfg, backbone.preprocess_cfg)

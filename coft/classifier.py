@@ -13,13 +13,14 @@ Loading needs open_clip and torch, nothing from training.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import nn
 
 from coft.backbone import autocast, build_vision_tower, default_device
 from coft.loader import map_batches
+
+if TYPE_CHECKING:
+    from coft.backbone import Backbone
 
 ARTIFACT_FORMAT = "coft-classifier"
 ARTIFACT_VERSION = 1
@@ -56,6 +60,22 @@ def text_head(class_features: torch.Tensor, scale: float) -> nn.Linear:
         head.weight.copy_(class_features * scale)
         head.bias.zero_()
     return head.to(class_features.device)
+
+
+def zero_shot_classifier(backbone: "Backbone", class_names: Sequence[str], class_features: torch.Tensor | None = None,
+                         templates: Sequence[str] = ("a photo of a {}.",), copy_weights: bool = True) -> "Classifier":
+    """Zero-shot CLIP as a Classifier: the backbone's vision tower and a head of class text embeddings.
+
+    `class_features` ([C, D], unit norm) defaults to the templates' embeddings. With copy_weights
+    False the classifier shares the backbone's (frozen) vision tower instead of copying it.
+    """
+    from coft.prompts import class_text_features
+
+    if class_features is None:
+        class_features = class_text_features(backbone, class_names, templates)
+    visual = copy.deepcopy(backbone.model.visual) if copy_weights else backbone.model.visual
+    member = ImageClassifier(visual, text_head(class_features.to(backbone.device), backbone.logit_scale))
+    return Classifier([member], class_names, backbone.model_cfg, backbone.preprocess_cfg)
 
 
 @dataclass

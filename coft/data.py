@@ -253,6 +253,17 @@ def _wrapper_folder(paths: list[str], class_keys: dict[str, int] | None) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
+def decode_image(data: bytes, *, limits: DataLimits = DataLimits()) -> Image.Image:
+    """One image from its bytes (a predict request's upload), with the same checks as a dataset's.
+
+    Raises DataError("unusable-image", reason) when it cannot be used.
+    """
+    try:
+        return _decode(bytes(data), limits)
+    except _Unusable as unusable:
+        raise DataError("unusable-image", unusable.reason) from None
+
+
 def _decode(source: bytes | str, limits: DataLimits) -> Image.Image:
     """Fully decode one image to RGB, or raise _Unusable with a reason a user can act on."""
     try:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from coft.backbone import PROXY_MODEL, Backbone, load_backbone
-from coft.classifier import Classifier, ImageClassifier, Predictions, text_head
+from coft.classifier import Classifier, ImageClassifier, Predictions, text_head, zero_shot_classifier
 from coft.config import CoFTConfig
 from coft.loader import map_batches
 from coft.losses import clean_probability
@@ -49,6 +49,9 @@ class AdaptResult:
     classifier: Classifier
     predictions: Predictions  # the classifier's predictions on the adapted images themselves
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Which images the method trusted, with which labels: name -> (indices into the images, labels).
+    # "zero_shot": all images; "s_star": the top-K per class; "clean_model{1,2}": each Phase II set.
+    selections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def adapt(images: Sequence[Image.Image], class_names: Sequence[str], *, method: str = "coft",
@@ -97,9 +100,7 @@ class _Run:
     def execute(self) -> AdaptResult:
         zero_shot = self._stage("zero-shot", self._zero_shot)
         if self.method == "zero-shot":
-            text_features = zero_shot["text_features"].to(self.backbone.device)
-            members = [ImageClassifier(copy.deepcopy(self.backbone.model.visual),
-                                       text_head(text_features, self.backbone.logit_scale))]
+            members = list(zero_shot_classifier(self.backbone, self.class_names, zero_shot["text_features"]).members)
             return self._finish(members, self.backbone, zero_shot)
         prompt_models = [self._phase1_model(i, zero_shot) for i in (1, 2)]
         filtered = self._stage("filter", lambda report: self._filter(prompt_models, report))
@@ -197,7 +198,19 @@ class _Run:
             "metrics": self.metrics,
         })
         report(1.0, "done")
-        return AdaptResult(classifier, predictions, self.metrics)
+        return AdaptResult(classifier, predictions, self.metrics, self._selections(zero_shot, filtered))
+
+    @staticmethod
+    def _selections(zero_shot: dict, filtered: dict | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        labels = zero_shot["probabilities"].argmax(dim=1)
+        selections = {"zero_shot": (torch.arange(len(labels)), labels)}
+        if "s_star_indices" in zero_shot:
+            selections["s_star"] = (zero_shot["s_star_indices"], zero_shot["s_star_labels"])
+        if filtered is not None:
+            for i in (1, 2):
+                kept = filtered["clean"][i - 1].nonzero(as_tuple=True)[0]
+                selections[f"clean_model{i}"] = (kept, filtered["labels"][i - 1][kept])
+        return selections
 
     # -- measurements --------------------------------------------------------------------------
 

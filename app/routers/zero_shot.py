@@ -9,7 +9,8 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from app import backbones
 from app.deps import SettingsDep, TenantDep
 from app.errors import Problem
-from app.inference import prediction_items, read_images, zero_shot_classifier
+from app.inference import prediction_items, read_images
+from coft.classifier import zero_shot_classifier
 from app.schemas import PredictResponse
 
 router = APIRouter(prefix="/v1/zero-shot", tags=["zero-shot"])
@@ -41,6 +42,6 @@ def zero_shot_predict(
         return load_backbone(model_id, weights, settings.device)
 
     backbone = request.app.state.backbones.get((model_id, weights), load)
-    classifier = zero_shot_classifier(backbone, names, template)
+    classifier = zero_shot_classifier(backbone, names, templates=[template], copy_weights=False)
     request.app.state.metrics.predict_batch.labels("zero-shot").observe(len(image_set))
     return PredictResponse(predictions=prediction_items(images, classifier.predict(image_set), top_k))

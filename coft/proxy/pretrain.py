@@ -125,15 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(texts))
     cursor, step, train_start = 0, 0, time.time()
-    estimated_total = args.max_steps or 10**9
     while True:
         elapsed = time.time() - train_start
         if (args.max_steps and step >= args.max_steps) or elapsed > budget_s:
             break
-        if step == 50 and not args.max_steps:
-            estimated_total = int(budget_s / (elapsed / 50))  # fixes the cosine schedule's length
-        progress = min(step / max(estimated_total, 1), 1.0)
-        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        # The schedule runs on the clock (or on steps, given --max-steps): the time budget is the
+        # contract, and how many steps fit in it depends on the machine and what else runs on it.
+        progress = step / args.max_steps if args.max_steps else elapsed / budget_s
+        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cursor + args.batch_size > len(order):
