@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test serve demo pretrain-proxy benchmark clean
+.PHONY: install test serve demo demo-cli pretrain-proxy benchmark clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,13 @@ test: install
 serve: install
 	$(PY) -m app.serve
 
+# The whole story against the service, as an HTTP client: starts `app.serve` on a free port and a
+# temporary data dir, uploads a proxy task, runs a CoFT job, prints zero-shot vs adapted accuracy.
 demo: install
+	$(PY) -m app.demo --start-server
+
+# The same proxy task through the `coft` command line, no service.
+demo-cli: install
 	$(PY) -m coft.demo
 
 pretrain-proxy: install

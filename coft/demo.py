@@ -1,4 +1,4 @@
-"""`make demo`: adapt the shipped proxy CLIP to a proxy task with the `coft` CLI, as a user would.
+"""`make demo-cli`: adapt the shipped proxy CLIP to a proxy task with the `coft` CLI, as a user would.
 
 Writes the task's unlabeled images and labelled test images as PNG folders, runs `coft adapt`
 (zero-shot, then CoFT), then `coft predict` on the test images, and prints both accuracies.
