@@ -46,7 +46,7 @@ def phase1(task_name: str, overrides: dict) -> None:
     def zero_shot_logits(images):
         features = map_batches(lambda p: F.normalize(backbone.model.encode_image(p), dim=-1), images,
                                backbone.eval_transform(), 256, backbone.device)
-        return features @ text.T
+        return backbone.logit_scale * features @ text.T  # as the pipeline ranks S*
 
     indices, labels = top_k_per_class(zero_shot_logits(task.train_images).softmax(dim=1), config.pseudo_labels.top_k)
     truth = torch.tensor(task.train_labels)
