@@ -48,13 +48,6 @@ def class_text_features(backbone: Backbone, class_names: Sequence[str], template
     return torch.stack(features)
 
 
-def class_text_features_from_descriptions(backbone: Backbone, descriptions: Sequence[Sequence[str]]) -> torch.Tensor:
-    """[C, D] from free-text descriptions per class (LLM- or user-written), averaged per class."""
-    return torch.stack([class_text_features(backbone, [d], ["{}"])[0] if len(d) == 1 else
-                        F.normalize(class_text_features(backbone, list(d), ["{}"]).mean(dim=0), dim=-1)
-                        for d in descriptions])
-
-
 class PromptLearner(nn.Module):
     """Positive and negative learnable contexts for C classes, on a frozen CLIP text encoder."""
 

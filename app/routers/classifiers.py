@@ -14,8 +14,7 @@ from sqlalchemy import select, update
 from starlette.background import BackgroundTask
 
 from coft.classifier import Classifier as CoftClassifier
-from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.errors import not_found
+from app.deps import SessionDep, get_owned, SettingsDep, StorageDep, TenantDep
 from app.inference import prediction_items, read_images
 from app.models import Classifier, Job
 from app.pagination import PageDep, paginate
@@ -26,10 +25,7 @@ router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
 
 def get_owned_classifier(session, tenant, classifier_id: str) -> Classifier:
-    row = session.get(Classifier, classifier_id)
-    if row is None or row.tenant_id != tenant.id:
-        raise not_found("classifier", classifier_id)
-    return row
+    return get_owned(session, tenant, Classifier, classifier_id, "classifier")
 
 
 @router.get("", response_model=Page[ClassifierOut])

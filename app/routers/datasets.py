@@ -8,8 +8,8 @@ from fastapi import APIRouter, File, Response, UploadFile, status
 from sqlalchemy import or_, select
 
 from coft.data import DataError, open_images
-from app.deps import SessionDep, StorageDep, TenantDep
-from app.errors import Problem, not_found
+from app.deps import SessionDep, get_owned, StorageDep, TenantDep
+from app.errors import Problem
 from app.models import Dataset, Job, JobStatus, new_id
 from app.pagination import PageDep, paginate
 from app.schemas import DatasetOut, Page
@@ -55,10 +55,7 @@ def list_datasets(session: SessionDep, tenant: TenantDep, page: PageDep) -> dict
 
 
 def get_owned_dataset(session, tenant, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.tenant_id != tenant.id:
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return get_owned(session, tenant, Dataset, dataset_id, "dataset")
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)

@@ -14,8 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from coft.config import CoFTConfig
 from coft.data import DataError, open_labelled_images
 from app import backbones
-from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.errors import Problem, not_found
+from app.deps import SessionDep, get_owned, SettingsDep, StorageDep, TenantDep
+from app.errors import Problem
 from app.jobs import fail_unqueued, request_cancel
 from app.models import Job, JobStatus
 from app.pagination import PageDep, paginate
@@ -122,10 +122,7 @@ def list_jobs(session: SessionDep, tenant: TenantDep, page: PageDep,
 
 
 def get_owned_job(session, tenant, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id:
-        raise not_found("job", job_id)
-    return job
+    return get_owned(session, tenant, Job, job_id, "job")
 
 
 @router.get("/{job_id}", response_model=JobOut)
