@@ -317,3 +317,42 @@ def test_labelled_shots_enter_s_star_and_bypass_the_filter(method, tiny_backbone
     assert result.metrics["labelled_shots"] == 3
     with pytest.raises(ValueError):
         adapt(tiny_images, CLASSES, method="zero-shot", backbone=tiny_backbone, labelled_shots=shots)
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+@pytest.fixture(scope="module")
+def other_clip_dir(tmp_path_factory):
+    """A second tiny CLIP of a different architecture (embedding 24, 3 layers): the Phase II student."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from tests.conftest import TINY_PREPROCESS_CFG
+
+    cfg = {"embed_dim": 24,
+           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 24, "layers": 3, "head_width": 12},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 1}}
+    directory = tmp_path_factory.mktemp("other-clip")
+    torch.manual_seed(99)
+    model = open_clip.model.CLIP(**cfg)
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg,
+                                                                 "preprocess_cfg": TINY_PREPROCESS_CFG}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
+    return directory
+
+
+def test_phase2_on_a_different_backbone_distils(tiny_backbone, tiny_images, other_clip_dir, tmp_path):
+    from coft.classifier import Classifier
+
+    student = f"local-dir:{other_clip_dir}"
+    config = tiny_config(phase2={"backbone": student}, coft_plus={"rounds": 2, "queue_size": 4})
+    result = adapt(tiny_images, CLASSES, method="coft+", backbone=tiny_backbone, config=config)
+    classifier = result.classifier
+    assert classifier.model_cfg["embed_dim"] == 24 and tiny_backbone.model_cfg["embed_dim"] == 32
+    assert classifier.metadata["phase2_backbone"]["model"] == student
+    assert classifier.metadata["backbone"]["model"] == tiny_backbone.model_id  # Phase I filtered with the teacher
+    assert all(m.head.weight.shape == (3, 24) for m in classifier.members)
+    assert result.metrics["phase2_model1_losses"][0]["extra"] is not None  # the contrastive term, in 24 dims
+    loaded = Classifier.load(classifier.save(tmp_path / "student"), device="cpu")
+    torch.testing.assert_close(loaded.predict(tiny_images).probabilities, result.predictions.probabilities)
