@@ -102,6 +102,7 @@ class Job(Base):
     backbone_pretrained: Mapped[str | None] = mapped_column(String(500))
     template: Mapped[str | None] = mapped_column(String(500))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the user's overrides, validated
+    class_descriptions: Mapped[dict[str, Any] | None]  # CoFT+ prompts given by the user, {class: [sentences]}
 
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),

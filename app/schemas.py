@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ class BackboneSpec(BaseModel):
                                    examples=["openai"])
 
 
-Method = Literal["zero-shot", "coft"]
+Method = Literal["zero-shot", "coft", "coft+"]
 
 
 class JobCreate(BaseModel):
@@ -64,6 +64,10 @@ class JobCreate(BaseModel):
     config: dict[str, Any] | None = Field(None, description="overrides of the method config (coft.config)")
     eval_dataset_id: str | None = Field(None, description="labelled archive (class-name folders): reports true "
                                                           "accuracy, never used for training")
+    class_descriptions: dict[str, list[str]] | None = Field(
+        None, description="sentences per class for the initial pseudo-labels, every class present; default for "
+                          "coft+: the configured LLM, else the template ensemble (metrics.prompt_source says which)",
+        examples=[{"sparrow": ["a photo of a sparrow, a small brown bird."], "robin": ["a robin, orange breast."]}])
 
     @field_validator("class_names")
     @classmethod
@@ -81,6 +85,14 @@ class JobCreate(BaseModel):
         if template is not None and (template.count("{}") != 1 or len(template) > 500):
             raise ValueError('the template needs exactly one "{}" for the class name')
         return template
+
+    @model_validator(mode="after")
+    def _descriptions(self) -> "JobCreate":
+        if self.class_descriptions is not None:
+            from coft.descriptions import validate_descriptions
+
+            self.class_descriptions = validate_descriptions(self.class_descriptions, self.class_names)
+        return self
 
 
 class JobError(BaseModel):

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     # Test and demo aid: sleep this long in every progress event so a tiny job's stages can be watched.
     worker_progress_delay_s: float = 0.0
 
+    # CoFT+ class descriptions from an OpenAI-compatible chat-completions endpoint (COFT_LLM_BASE_URL,
+    # e.g. https://host/v1, and COFT_LLM_MODEL); unset: the built-in template ensemble.
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key: str | None = None
+    llm_timeout_s: float = 30.0
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -1,12 +1,18 @@
-"""Accuracy benchmark: zero-shot vs CoFT on every proxy task, over several seeds.
+"""Accuracy benchmark: every method on every proxy task, over several seeds, one table (paper Tables 1, 4).
 
-    python benchmarks/accuracy.py             # every task, 3 seeds (the table in RESULTS.md)
-    python benchmarks/accuracy.py --quick     # smaller splits, 1 seed: a smoke run in minutes
+    python benchmarks/accuracy.py                       # every method, every task, 3 seeds (RESULTS.md)
+    python benchmarks/accuracy.py --quick               # 2 tasks, small splits, short schedules, 1 seed
+    python benchmarks/accuracy.py --methods coft coft+ --tasks shapes-noisy
 
-For each task and method it prints test accuracy (mean ± std over seeds) of zero-shot, each Phase I
-and Phase II model and the final ensemble, the precision of the pseudo-labels the method trusted
-(zero-shot labels of all of U, S*, each S_clean; the train labels are used only to measure this),
-and wall time. Everything is measured in this one run, side by side.
+Methods (`--methods`, names or groups): label-free `zero-shot`, `zero-shot-ensemble`, `upl`, `fixmatch`,
+`coft`, `coft+`; with k labelled shots per class from the train split (`--shots`, default 1 2 4 8 16)
+`coop-k` and `linear-probe-k`. Groups: `label-free`, `few-shot`, `coop`, `linear-probe`, `all` (default).
+
+The main table gives test accuracy, mean ± std over seeds, per method and task, and wall time per
+run. Every method runs once per seed (the seed also draws the few-shot examples), except zero-shot,
+which has no randomness and runs once.
+For CoFT and CoFT+ it also prints each stage's accuracy and the precision of the pseudo-labels they
+trusted (the train labels are used only to measure this). The test split is only ever scored.
 """
 
 from __future__ import annotations
@@ -16,33 +22,135 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coft.backbone import load_backbone  # noqa: E402
+from coft import baselines  # noqa: E402
+from coft.backbone import Backbone, load_backbone  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
-from coft.proxy.tasks import TASKS, load_task  # noqa: E402
+from coft.proxy.tasks import TASKS, ProxyTask, load_task  # noqa: E402
 
-ACCURACY_COLUMNS = ["zero_shot", "phase1_model1", "phase1_model2", "phase2_model1", "phase2_model2", "final"]
+STAGE_COLUMNS = ["zero_shot", "phase1_model1", "phase1_model2", "phase2_model1", "phase2_model2", "final"]
 PRECISION_COLUMNS = ["zero_shot", "s_star", "clean_model1", "clean_model2"]
+LABEL_FREE = ["zero-shot", "zero-shot-ensemble", "upl", "fixmatch", "coft", "coft+"]
+DETERMINISTIC = {"zero-shot", "zero-shot-ensemble"}
+QUICK_TASKS = ["digits-handwritten", "shapes-noisy"]
+# --quick shortens every schedule by the same factor, so that it still compares like with like.
+QUICK_OVERRIDES = {"phase1": {"epochs": 5}, "phase2": {"epochs": 3}, "coft_plus": {"rounds": 2}}
+QUICK_EPOCH_FACTOR = 0.15
 
 
-def run_one(task, backbone, method: str, seed: int, overrides: dict) -> dict:
-    config = CoFTConfig.from_dict({**overrides, "seed": seed})
-    truth = torch.tensor(task.train_labels)
-    started = time.perf_counter()
-    result = adapt(task.train_images, task.class_names, method=method, backbone=backbone, config=config,
-                   evaluation=LabelledImages(task.test_images, torch.tensor(task.test_labels)))
-    elapsed = time.perf_counter() - started
-    precision = {name: float((labels == truth[indices]).float().mean()) if len(indices) else float("nan")
-                 for name, (indices, labels) in result.selections.items()}
-    sizes = {name: len(indices) for name, (indices, _) in result.selections.items()}
-    return {"task": task.name, "method": method, "seed": seed, "seconds": elapsed,
-            "accuracy": result.metrics["accuracy"], "precision": precision, "selected": sizes}
+@dataclass
+class Setting:
+    """What one run needs: the task, the backbone, the seed, and the method configs for this task."""
+
+    task: ProxyTask
+    backbone: Backbone
+    seed: int
+    overrides: dict  # CoFT/CoFT+ config overrides (JSON)
+    epoch_factor: float = 1.0  # < 1 in --quick mode, for the baselines' schedules
+
+    @property
+    def hflip(self) -> bool:
+        # Mirroring changes digits and arrows: the task's nature, not a tuned hyperparameter.
+        return self.task.spec.flip_invariant
+
+    def epochs(self, epochs: int) -> int:
+        return max(1, round(epochs * self.epoch_factor))
+
+    def test_accuracy(self, classifier) -> float:
+        predicted = classifier.predict(self.task.test_images).indices
+        return float((predicted == torch.tensor(self.task.test_labels)).float().mean())
+
+
+def run_coft(method: str) -> Callable[[Setting], dict]:
+    def run(s: Setting) -> dict:
+        overrides = json.loads(json.dumps(s.overrides))
+        for phase in ("phase1", "phase2"):
+            overrides.setdefault(phase, {}).setdefault("hflip", s.hflip)
+        config = CoFTConfig.from_dict({**overrides, "seed": s.seed})
+        result = adapt(s.task.train_images, s.task.class_names, method=method, backbone=s.backbone, config=config,
+                       evaluation=LabelledImages(s.task.test_images, torch.tensor(s.task.test_labels)))
+        truth = torch.tensor(s.task.train_labels)
+        precision = {name: float((labels == truth[indices]).float().mean()) if len(indices) else float("nan")
+                     for name, (indices, labels) in result.selections.items()}
+        sizes = {name: len(indices) for name, (indices, _) in result.selections.items()}
+        return {"accuracy": result.metrics["accuracy"]["final"], "stages": result.metrics["accuracy"],
+                "precision": precision, "selected": sizes}
+    return run
+
+
+def run_zero_shot(ensemble: bool) -> Callable[[Setting], dict]:
+    def run(s: Setting) -> dict:
+        return {"accuracy": s.test_accuracy(baselines.zero_shot(s.backbone, s.task.class_names, ensemble))}
+    return run
+
+
+def run_upl(s: Setting) -> dict:
+    coop = baselines.CoOpConfig(epochs=s.epochs(50), hflip=s.hflip)
+    classifier = baselines.upl(s.backbone, s.task.class_names, s.task.train_images, baselines.UPLConfig(coop=coop),
+                               seed=s.seed)
+    return {"accuracy": s.test_accuracy(classifier)}
+
+
+def run_fixmatch(s: Setting) -> dict:
+    config = baselines.FixMatchConfig(hflip=s.hflip)
+    config = replace(config, epochs=s.epochs(config.epochs))
+    classifier, info = baselines.fixmatch(s.backbone, s.task.class_names, s.task.train_images, config, seed=s.seed)
+    return {"accuracy": s.test_accuracy(classifier), **info}
+
+
+def labelled_shots(s: Setting, shots: int) -> tuple[list, torch.Tensor]:
+    """k labelled images per class, drawn from the train split (never the test split) by the seed."""
+    labels = torch.tensor(s.task.train_labels)
+    chosen = baselines.sample_shots(labels, shots, seed=s.seed)
+    return [s.task.train_images[i] for i in chosen.tolist()], labels[chosen]
+
+
+def run_coop(shots: int) -> Callable[[Setting], dict]:
+    def run(s: Setting) -> dict:
+        images, labels = labelled_shots(s, shots)
+        config = baselines.CoOpConfig(epochs=s.epochs(baselines.COOP_EPOCHS[shots]), hflip=s.hflip)
+        return {"accuracy": s.test_accuracy(baselines.coop(s.backbone, s.task.class_names, images, labels, config,
+                                                           seed=s.seed))}
+    return run
+
+
+def run_linear_probe(shots: int) -> Callable[[Setting], dict]:
+    def run(s: Setting) -> dict:
+        images, labels = labelled_shots(s, shots)
+        return {"accuracy": s.test_accuracy(baselines.linear_probe(s.backbone, s.task.class_names, images, labels))}
+    return run
+
+
+def registry(shots: list[int]) -> dict[str, Callable[[Setting], dict]]:
+    methods = {"zero-shot": run_zero_shot(False), "zero-shot-ensemble": run_zero_shot(True), "upl": run_upl,
+               "fixmatch": run_fixmatch, "coft": run_coft("coft"), "coft+": run_coft("coft+")}
+    methods.update({f"coop-{k}": run_coop(k) for k in shots})
+    methods.update({f"linear-probe-{k}": run_linear_probe(k) for k in shots})
+    return methods
+
+
+def select_methods(requested: list[str], available: dict) -> list[str]:
+    groups = {"all": list(available), "label-free": LABEL_FREE,
+              "few-shot": [m for m in available if m.startswith(("coop-", "linear-probe-"))],
+              "coop": [m for m in available if m.startswith("coop-")],
+              "linear-probe": [m for m in available if m.startswith("linear-probe-")]}
+    chosen: list[str] = []
+    for name in requested:
+        if name not in groups and name not in available:
+            raise SystemExit(f"unknown method {name!r}; choose from {', '.join([*groups, *available])}")
+        chosen += groups.get(name, [name])
+    return list(dict.fromkeys(chosen))
+
+
+# --------------------------------------------------------------------------- tables
 
 
 def summarise(values: list[float]) -> str:
@@ -54,50 +162,78 @@ def summarise(values: list[float]) -> str:
     return f"{mean:.1f} ± {spread:.1f}"
 
 
-def print_tables(runs: list[dict], num_seeds: int) -> None:
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
-    print(f"\n### Test accuracy (%), mean ± std over {num_seeds} seed(s)\n")
-    print("| task | " + " | ".join(ACCURACY_COLUMNS) + " | CoFT - zero-shot | seconds/run |")
-    print("|---" * (len(ACCURACY_COLUMNS) + 3) + "|")
-    gains = []
-    for task in tasks:
-        rows = [r for r in runs if r["task"] == task and r["method"] == "coft"]
-        cells = [summarise([r["accuracy"].get(c, float("nan")) for r in rows]) for c in ACCURACY_COLUMNS]
-        gain = [r["accuracy"]["final"] - r["accuracy"]["zero_shot"] for r in rows]
-        gains += gain
+def print_main_table(runs: list[dict], methods: list[str], tasks: list[str], num_seeds: int) -> None:
+    print(f"\n### Test accuracy (%), mean ± std over {num_seeds} seed(s); wall time per run\n")
+    print("| method | labels | " + " | ".join(tasks) + " | **average** | seconds/run |")
+    print("|---" * (len(tasks) + 4) + "|")
+    for method in methods:
+        rows = [r for r in runs if r["method"] == method]
+        if not rows:
+            continue
+        cells = [summarise([r["accuracy"] for r in rows if r["task"] == t]) for t in tasks]
+        # the average over tasks, per seed: its spread is the seed-to-seed spread of the average
+        seeds = sorted({r["seed"] for r in rows})
+        per_seed = [statistics.fmean(r["accuracy"] for r in rows if r["seed"] == seed) for seed in seeds]
+        labels = f"{method.rsplit('-', 1)[1]}/class" if method.startswith(("coop-", "linear-probe-")) else "none"
         seconds = statistics.fmean(r["seconds"] for r in rows)
-        print(f"| {task} | " + " | ".join(cells) + f" | {summarise(gain)} | {seconds:.0f} |")
-    all_rows = [r for r in runs if r["method"] == "coft"]
-    cells = [summarise([r["accuracy"].get(c, float("nan")) for r in all_rows]) for c in ACCURACY_COLUMNS]
-    print("| **average** | " + " | ".join(cells) + f" | {summarise(gains)} | |")
+        print(f"| {method} | {labels} | " + " | ".join(cells) + f" | **{summarise(per_seed)}** | {seconds:.1f} |")
 
-    print("\n### Pseudo-label precision on the unlabeled train split (%), and how many images each set holds\n")
-    print("| task | " + " | ".join(f"{c} (n)" for c in PRECISION_COLUMNS) + " |")
-    print("|---" * (len(PRECISION_COLUMNS) + 1) + "|")
+
+def print_stage_tables(runs: list[dict], method: str, tasks: list[str]) -> None:
+    rows_all = [r for r in runs if r["method"] == method]
+    if not rows_all:
+        return
+    columns = list(STAGE_COLUMNS)
+    extra = sorted({k for r in rows_all for k in r["stages"] if k not in columns})  # CoFT+'s earlier rounds
+    columns = columns[:1] + extra + columns[1:]
+    print(f"\n### {method}: test accuracy (%) of each stage\n")
+    print("| task | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for task in tasks:
-        rows = [r for r in runs if r["task"] == task and r["method"] == "coft"]
-        cells = []
-        for c in PRECISION_COLUMNS:
-            size = statistics.fmean(r["selected"].get(c, 0) for r in rows)
-            cells.append(f"{summarise([r['precision'].get(c, float('nan')) for r in rows])} ({size:.0f})")
+        rows = [r for r in rows_all if r["task"] == task]
+        print(f"| {task} | " + " | ".join(summarise([r["stages"].get(c, float("nan")) for r in rows])
+                                          for c in columns) + " |")
+    names = PRECISION_COLUMNS + sorted({k for r in rows_all for k in r["precision"] if k not in PRECISION_COLUMNS})
+    print(f"\n### {method}: precision of the pseudo-labels on the unlabeled train split (%), (images)\n")
+    print("| task | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for task in tasks:
+        rows = [r for r in rows_all if r["task"] == task]
+        cells = [f"{summarise([r['precision'].get(c, float('nan')) for r in rows])} "
+                 f"({statistics.fmean(r['selected'].get(c, 0) for r in rows):.0f})" for c in names]
         print(f"| {task} | " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="*", default=["all"])
+    parser.add_argument("--shots", nargs="*", type=int, default=[1, 2, 4, 8, 16], choices=sorted(baselines.COOP_EPOCHS))
+    parser.add_argument("--tasks", nargs="*", default=None, choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--num-train", type=int, default=None, help="unlabeled images per task (default: task's)")
     parser.add_argument("--num-test", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 400 train / 200 test images per task")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tasks {', '.join(QUICK_TASKS)}, 300 train / 200 test images, 1 seed, shots 1 4 16, "
+                             f"short schedules: a smoke run of every method in under 10 minutes on 2 cores")
     parser.add_argument("--model", default="proxy")
     parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--config", type=Path, help="JSON overrides of the method config")
+    parser.add_argument("--config", type=Path, help="JSON overrides of the CoFT/CoFT+ config")
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.num_train, args.num_test = 1, args.num_train or 400, args.num_test or 200
     overrides = json.loads(args.config.read_text()) if args.config else {}
+    epoch_factor = 1.0
+    if args.quick:
+        args.tasks = args.tasks or QUICK_TASKS
+        args.seeds = args.seeds or 1
+        args.num_train, args.num_test = args.num_train or 300, args.num_test or 200
+        if args.shots == parser.get_default("shots"):
+            args.shots = [1, 4, 16]
+        overrides = {**QUICK_OVERRIDES, **overrides}
+        epoch_factor = QUICK_EPOCH_FACTOR
+    args.tasks = args.tasks or list(TASKS)
+    args.seeds = args.seeds or 3
+    available = registry(args.shots)
+    methods = select_methods(args.methods, available)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_backbone(args.model, args.pretrained)
@@ -105,20 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     for name in args.tasks:
         task = load_task(name, args.num_train, args.num_test)
-        task_overrides = json.loads(json.dumps(overrides))
-        if not task.spec.flip_invariant:
-            # Mirroring changes digits and arrows: the task's nature, not a tuned hyperparameter.
-            for phase in ("phase1", "phase2"):
-                task_overrides.setdefault(phase, {}).setdefault("hflip", False)
-        for seed in range(args.seeds):
-            run = run_one(task, backbone, "coft", seed, task_overrides)
-            runs.append(run)
-            acc = run["accuracy"]
-            print(f"{name} seed {seed}: zero-shot {100 * acc['zero_shot']:.1f}  CoFT {100 * acc['final']:.1f}  "
-                  f"({run['seconds']:.0f}s)", flush=True)
-    print_tables(runs, args.seeds)
+        for method in methods:
+            for seed in range(1 if method in DETERMINISTIC else args.seeds):
+                setting = Setting(task, backbone, seed, overrides, epoch_factor)
+                began = time.perf_counter()
+                run = available[method](setting)
+                run.update({"task": name, "method": method, "seed": seed, "seconds": time.perf_counter() - began})
+                runs.append(run)
+                print(f"{name} {method} seed {seed}: {100 * run['accuracy']:.1f} ({run['seconds']:.1f}s)", flush=True)
+    print_main_table(runs, methods, args.tasks, args.seeds)
+    for method in ("coft", "coft+"):
+        print_stage_tables(runs, method, args.tasks)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f}s, backbone {args.model}, "
-          f"torch threads {torch.get_num_threads()}, device {backbone.device}")
+          f"torch threads {torch.get_num_threads()}, device {backbone.device}, "
+          f"{len(args.tasks)} task(s), {args.num_train or 'default'} train / {args.num_test or 'default'} test images")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
 

@@ -47,7 +47,7 @@ def adapt(
     images: Path = typer.Option(..., "--images", exists=True, help="folder or zip/tar archive of unlabeled images"),
     classes: Optional[str] = typer.Option(None, "--classes", help='comma-separated class names, "a,b,c"'),
     classes_file: Optional[Path] = typer.Option(None, "--classes-file", exists=True, help="one class name a line"),
-    method: str = typer.Option("coft", "--method", help="zero-shot | coft"),
+    method: str = typer.Option("coft", "--method", help="zero-shot | coft | coft+"),
     model: str = typer.Option("proxy", "--model", help="open_clip model: ViT-B-16, local-dir:PATH, hf-hub:ORG/REPO"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or checkpoint file"),
     template: Optional[str] = typer.Option(None, "--template", help='zero-shot template, default "a photo of a {}."'),
@@ -56,6 +56,12 @@ def adapt(
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="resume an interrupted run from here"),
     evaluate: Optional[Path] = typer.Option(None, "--eval", exists=True,
                                             help="labelled holdout (class-name folders) to report true accuracy"),
+    descriptions_file: Optional[Path] = typer.Option(
+        None, "--descriptions", exists=True,
+        help='JSON {"class": ["sentence", ...]}: prompts for the initial pseudo-labels (default for coft+: '
+             "the LLM at COFT_LLM_BASE_URL if set, else the template ensemble)"),
+    shots: Optional[Path] = typer.Option(None, "--shots", exists=True,
+                                         help="labelled shots (class-name folders), trained on with their labels"),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda when available)"),
     out: Path = typer.Option(..., "--out", help="directory to write the classifier artifact to"),
 ) -> None:
@@ -64,6 +70,7 @@ def adapt(
 
     from coft.config import CoFTConfig
     from coft.data import DataError, open_labelled_images
+    from coft.descriptions import DescriptionError, LLMEndpoint, load_descriptions
     from coft.pipeline import METHODS, LabelledImages
     from coft.pipeline import adapt as run_adapt
 
@@ -86,16 +93,25 @@ def adapt(
         config = CoFTConfig.from_dict(overrides)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--config") from error
-    image_set = _open(images)
-    evaluation = None
-    if evaluate is not None:
+    descriptions = None
+    if descriptions_file is not None:
         try:
-            labelled = open_labelled_images(evaluate, class_names=names)
+            descriptions = load_descriptions(descriptions_file, names)
+        except DescriptionError as error:
+            raise typer.BadParameter(str(error), param_hint="--descriptions") from error
+    image_set = _open(images)
+
+    def labelled_set(path: Path) -> LabelledImages:
+        try:
+            labelled = open_labelled_images(path, class_names=names)
         except DataError as error:
-            console.print(f"[red]cannot use {evaluate}: {error}[/red]")
+            console.print(f"[red]cannot use {path}: {error}[/red]")
             raise typer.Exit(2) from error
         to_job = [names.index(labelled.class_names[label]) for label in labelled.labels]
-        evaluation = LabelledImages(labelled.images, torch.tensor(to_job))
+        return LabelledImages(labelled.images, torch.tensor(to_job, dtype=torch.long))
+
+    evaluation = labelled_set(evaluate) if evaluate is not None else None
+    labelled_shots = labelled_set(shots) if shots is not None else None
 
     console.print(f"adapting [bold]{model}[/bold] to {len(names)} classes with {method} "
                   f"on {len(image_set)} images")
@@ -108,7 +124,8 @@ def adapt(
         try:
             result = run_adapt(image_set, names, method=method, model=model, pretrained=pretrained, config=config,
                                progress=on_progress, checkpoint_dir=checkpoint_dir, evaluation=evaluation,
-                               device=device)
+                               device=device, descriptions=descriptions, llm=LLMEndpoint.from_env(),
+                               labelled_shots=labelled_shots)
         except ValueError as error:
             console.print(f"[red]{error}[/red]")
             raise typer.Exit(2) from error
@@ -150,7 +167,8 @@ def _progress_bar() -> Progress:
 
 
 def _print_summary(metrics: dict) -> None:
-    keys = ["s_star_size", "clean_fraction_model1", "clean_fraction_model2", "agreement", "prediction_entropy"]
+    keys = ["prompt_source", "prompt_fallback_reason", "labelled_shots", "s_star_size", "clean_fraction_model1",
+            "clean_fraction_model2", "agreement", "prediction_entropy"]
     for key in keys:
         if key in metrics:
             value = metrics[key]

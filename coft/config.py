@@ -61,11 +61,28 @@ class Phase2Config:
 
 
 @dataclass
+class CoFTPlusConfig:
+    """What CoFT+ adds (paper Sec. 3.3); used only by method "coft+"."""
+
+    rounds: int = 3  # R iterative Phase I rounds; round 1 is CoFT's Phase I
+    contrastive: bool = True  # MoCo term in Phase II; False: CoFT's Phase II after the rounds
+    momentum: float = 0.999  # mu of the EMA key encoder
+    temperature: float = 0.07  # tau' of InfoNCE
+    contrastive_weight: float = 0.1  # gamma
+    queue_size: int | None = None  # None: min(16384, |U|/2) rounded down to the batch (at least one batch)
+    queue_max: int = 16384
+    # Initial pseudo-labels: user descriptions, else an LLM when one is configured (the endpoint and
+    # its timeout are deployment settings, coft.descriptions.LLMEndpoint), else the template ensemble.
+    llm_descriptions_per_class: int = 5
+
+
+@dataclass
 class CoFTConfig:
     seed: int = 0
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
+    coft_plus: CoFTPlusConfig = field(default_factory=CoFTPlusConfig)
     eval_batch_size: int = 128
     num_workers: int = 0  # DataLoader workers; 0 keeps everything in one process
 

@@ -7,7 +7,7 @@ uses them, they would add cost and change nothing (the vision transformer has no
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,13 @@ from coft.progress import StageReport
 
 def fine_tune(model: ImageClassifier, backbone: Backbone, images: Sequence[Image.Image], labels: torch.Tensor,
               clean: torch.Tensor, config: Phase2Config, seed: int, num_workers: int = 0,
-              report: StageReport | None = None) -> list[dict]:
+              report: StageReport | None = None,
+              extra_loss: Callable[[ImageClassifier, torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
     """Train every weight of `model` with CE on the clean samples; returns per-epoch losses.
 
-    `backbone` gives the device and the preprocessing of the Phase II architecture.
+    `backbone` gives the device and the preprocessing of the Phase II architecture. `extra_loss`
+    (CoFT+'s contrastive term, coft.contrastive.MomentumContrast) gets the model and the indices of
+    EVERY sample of the batch, clean or rejected, and its value is added to the CE.
     """
     model.to(backbone.device).train().requires_grad_(True)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -39,24 +42,35 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: Sequence[Image
     clean = clean.bool()
     history, step = [], 0
     for epoch in range(config.epochs):
-        total, seen = 0.0, 0
+        total, seen, extra_total, extra_steps = 0.0, 0, 0.0, 0
         for pixels, batch_labels, indices in loader:
             step += 1
             keep = clean[indices]
-            if keep.any():
-                pixels, batch_labels = pixels[keep].to(backbone.device), batch_labels[keep].to(backbone.device)
-                with backbone.autocast():
-                    loss = F.cross_entropy(model(pixels).float(), batch_labels)
+            if keep.any() or extra_loss is not None:
+                loss = torch.zeros((), device=backbone.device)
+                if keep.any():
+                    pixels, batch_labels = pixels[keep].to(backbone.device), batch_labels[keep].to(backbone.device)
+                    with backbone.autocast():
+                        ce = F.cross_entropy(model(pixels).float(), batch_labels)
+                    loss = loss + ce
+                    total += ce.item() * len(pixels)
+                    seen += len(pixels)
+                if extra_loss is not None:
+                    with backbone.autocast():
+                        extra = extra_loss(model, indices)
+                    loss = loss + extra
+                    extra_total += extra.item()
+                    extra_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                total += loss.item() * len(pixels)
-                seen += len(pixels)
             schedule.step()
             if report is not None:
                 report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
         # None, not 0.0, for an epoch without a single clean sample: nothing was fitted.
         history.append({"epoch": epoch + 1, "ce": total / seen if seen else None})
+        if extra_loss is not None:
+            history[-1]["extra"] = extra_total / extra_steps if extra_steps else None
     model.eval().requires_grad_(False)
     return history

@@ -4,9 +4,14 @@ Stages, each checkpointed into `checkpoint_dir` when one is given, so an interru
 where it stopped:
     zero-shot  pseudo-labels for all of U, and S* (top-K per class)
     phase1     two prompt models, each trained on S*              (CoFT)
+               CoFT+: R rounds per model, each a fresh model on the top-K of the previous round's
     filter     each model labels U, the other validates            (CoFT)
     phase2     two fresh vision towers + heads, fully fine-tuned   (CoFT)
+               CoFT+: plus gamma * InfoNCE on all of U (coft.contrastive)
     finish     the classifier, its predictions on U, quality signals
+
+CoFT+ also starts from class descriptions (coft.descriptions) instead of a single template.
+Optional labelled shots (semi-supervised) join S* and every S_clean with their true labels.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from PIL import Image
 from coft.backbone import PROXY_MODEL, Backbone, load_backbone
 from coft.classifier import Classifier, ImageClassifier, Predictions, text_head, zero_shot_classifier
 from coft.config import CoFTConfig
+from coft.contrastive import MomentumContrast, queue_size
+from coft.descriptions import LLMEndpoint, description_features, resolve_descriptions
 from coft.loader import map_batches
 from coft.losses import clean_probability
 from coft.phase1 import PromptModel, score_images, train_prompt_model
@@ -33,7 +40,7 @@ from coft.progress import ProgressCallback, ProgressTracker
 from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
 from coft.pseudo_labels import top_k_per_class, validated_by
 
-METHODS = ("zero-shot", "coft")
+METHODS = ("zero-shot", "coft", "coft+")
 
 
 @dataclass
@@ -58,11 +65,16 @@ def adapt(images: Sequence[Image.Image], class_names: Sequence[str], *, method: 
           backbone: Backbone | None = None, model: str = PROXY_MODEL, pretrained: str | None = None,
           config: CoFTConfig | None = None, progress: ProgressCallback | None = None,
           checkpoint_dir: str | os.PathLike | None = None, evaluation: LabelledImages | None = None,
-          device: str | torch.device | None = None) -> AdaptResult:
+          device: str | torch.device | None = None, descriptions: dict[str, list[str]] | None = None,
+          llm: LLMEndpoint | None = None, labelled_shots: LabelledImages | None = None) -> AdaptResult:
     """Adapt a CLIP backbone to `class_names` using the unlabeled `images`.
 
     `backbone` (already loaded) wins over `model`/`pretrained`. `progress` receives Progress events
     and may raise to stop the run. `evaluation` adds true accuracies to the metrics.
+    `descriptions` ({class: [sentences]}) replace the template for the initial pseudo-labels, in any
+    method; with method "coft+" and none given, `llm` is asked for them, else the template ensemble
+    is used (metrics["prompt_source"] says which). `labelled_shots` (semi-supervised) are trained
+    on with their true labels: they enter S* and both S_clean, exempt from the filter.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -71,7 +83,8 @@ def adapt(images: Sequence[Image.Image], class_names: Sequence[str], *, method: 
         raise ValueError("no images to adapt on")
     config = config or CoFTConfig()
     backbone = backbone or load_backbone(model, pretrained, device)
-    run = _Run(images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation)
+    run = _Run(images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation,
+               descriptions, llm, labelled_shots)
     return run.execute()
 
 
@@ -87,9 +100,21 @@ def _check_class_names(class_names: Sequence[str]) -> list[str]:
 
 
 class _Run:
-    def __init__(self, images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation):
+    def __init__(self, images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation,
+                 descriptions=None, llm=None, labelled_shots=None):
+        self.unlabeled_images = images
+        self.unlabeled = len(images)  # images[:unlabeled] are U; labelled shots, if any, follow
+        self.shot_labels = torch.empty(0, dtype=torch.long)
+        if labelled_shots is not None and len(labelled_shots.images):
+            if method == "zero-shot":
+                raise ValueError("labelled shots need a method that trains (coft, coft+)")
+            images = _Concat(images, labelled_shots.images)
+            self.shot_labels = labelled_shots.labels.cpu().long()
         self.images, self.class_names, self.method = images, class_names, method
         self.backbone, self.config, self.evaluation = backbone, config, evaluation
+        self.descriptions, self.llm = descriptions, llm
+        self.round_models: dict[int, list[PromptModel]] = {}
+        self.round_selections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checkpoints = _Checkpoints(checkpoint_dir, self._fingerprint()) if checkpoint_dir else None
         self.tracker = ProgressTracker(progress, self._stage_costs())
         self.metrics: dict[str, Any] = {"method": method, "num_images": len(images), "num_classes": len(class_names)}
@@ -102,22 +127,73 @@ class _Run:
         if self.method == "zero-shot":
             members = list(zero_shot_classifier(self.backbone, self.class_names, zero_shot["text_features"]).members)
             return self._finish(members, self.backbone, zero_shot)
-        prompt_models = [self._phase1_model(i, zero_shot) for i in (1, 2)]
+        prompt_models = [self._phase1_rounds(i, zero_shot) for i in (1, 2)]
         filtered = self._stage("filter", lambda report: self._filter(prompt_models, report))
         phase2_backbone = self._phase2_backbone()
         members = [self._phase2_model(i, filtered, phase2_backbone) for i in (1, 2)]
         return self._finish(members, phase2_backbone, zero_shot, filtered, prompt_models)
 
     def _zero_shot(self, report) -> dict[str, Any]:
-        text_features = self._initial_text_features()
+        text_features, source = self._pseudo_label_text_features()
         scale = self.backbone.logit_scale
         image_features = self._encode(self.backbone, report)
         # Stage results live on the CPU, as they do when loaded from a checkpoint (and DataLoader
         # workers cannot touch CUDA tensors).
         probabilities = (scale * image_features @ text_features.T).softmax(dim=1).cpu()
-        indices, labels = top_k_per_class(probabilities, self.config.pseudo_labels.top_k)
+        indices, labels = self._top_k_with_shots(probabilities)
         return {"text_features": text_features.cpu(), "probabilities": probabilities,
-                "s_star_indices": indices, "s_star_labels": labels}
+                "s_star_indices": indices, "s_star_labels": labels, **source}
+
+    def _pseudo_label_text_features(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Class embeddings for the initial pseudo-labels, and where their prompts came from."""
+        if self.descriptions is None and self.method != "coft+":
+            source = "template-ensemble" if self.config.pseudo_labels.ensemble else "template"
+            return self._initial_text_features(), {"prompt_source": source}
+        resolved = resolve_descriptions(self.class_names, self.descriptions, self.llm,
+                                        self.config.coft_plus.llm_descriptions_per_class)
+        info = {"prompt_source": resolved.source}
+        if resolved.fallback_reason is not None:
+            info["prompt_fallback_reason"] = resolved.fallback_reason
+        return description_features(self.backbone, resolved, self.class_names), info
+
+    def _top_k_with_shots(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S*: top-K per class among the unlabeled images, plus every labelled shot with its true label."""
+        indices, labels = top_k_per_class(probabilities[:self.unlabeled], self.config.pseudo_labels.top_k)
+        shots = torch.arange(self.unlabeled, self.unlabeled + len(self.shot_labels))
+        return torch.cat([indices, shots]), torch.cat([labels, self.shot_labels])
+
+    def _phase1_rounds(self, which: int, zero_shot: dict) -> PromptModel:
+        """CoFT: one Phase I model. CoFT+: R rounds; round r trains a FRESH model (the frozen CLIP,
+        new prompts) on the top-K per class of round r-1's model. Only data carries over."""
+        model = self._phase1_model(which, zero_shot)
+        self.round_models[which] = [model]
+        rounds = self.config.coft_plus.rounds if self.method == "coft+" else 1
+        for round_ in range(2, rounds + 1):
+            model = self._phase1_round(which, round_, model)
+            self.round_models[which].append(model)
+        return model
+
+    def _phase1_round(self, which: int, round_: int, previous: PromptModel) -> PromptModel:
+        stage = f"phase1-model{which}-round{round_}"
+        seed = self._seed(which) + 100 * (round_ - 1)
+
+        def train(report):
+            s_pos, _ = score_images(previous, self.backbone, self.images, self.config.eval_batch_size,
+                                    self.config.num_workers, lambda f, m: report(0.1 * f, m))
+            # The spec's confidence: the softmax of the positive prompts.
+            indices, labels = self._top_k_with_shots((s_pos * previous.scale).softmax(dim=1))
+            model, history = train_prompt_model(
+                self.backbone, self.class_names, self.images, indices, labels, self.config.phase1, seed,
+                self.config.num_workers, lambda f, m: report(0.1 + 0.9 * f, m))
+            return {"state": model.state_dict(), "history": history, "indices": indices, "labels": labels}
+
+        saved = self._stage(stage, train)
+        self.metrics[f"phase1_model{which}_round{round_}_losses"] = saved["history"]
+        self.metrics[f"s_star_model{which}_round{round_}_size"] = int(len(saved["indices"]))
+        self.round_selections[f"s_star_model{which}_round{round_}"] = (saved["indices"], saved["labels"])
+        model = PromptModel(self.backbone, self.class_names, self.config.phase1, seed)
+        model.load_state_dict(saved["state"])
+        return model.eval()
 
     def _phase1_model(self, which: int, zero_shot: dict) -> PromptModel:
         stage = f"phase1-model{which}"
@@ -143,10 +219,15 @@ class _Run:
         labels1, labels2 = pos1.argmax(dim=1), pos2.argmax(dim=1)
         scale = self.backbone.logit_scale
         rows = torch.arange(len(labels1))
+        # Model 2 validates model 1's labels, and model 1 validates model 2's.
+        clean1, clean2 = validated_by(labels1, pos2, neg2), validated_by(labels2, pos1, neg1)
+        shots = slice(self.unlabeled, None)  # labelled shots: their true label, exempt from the filter
+        for labels, clean in ((labels1, clean1), (labels2, clean2)):
+            labels[shots] = self.shot_labels
+            clean[shots] = True
         return {
             "labels": [labels1, labels2],
-            # Model 2 validates model 1's labels, and model 1 validates model 2's.
-            "clean": [validated_by(labels1, pos2, neg2), validated_by(labels2, pos1, neg1)],
+            "clean": [clean1, clean2],
             "p_clean": [clean_probability(pos2[rows, labels1], neg2[rows, labels1], scale),
                         clean_probability(pos1[rows, labels2], neg1[rows, labels2], scale)],
             "phase1_predictions": [pos1.softmax(dim=1), pos2.softmax(dim=1)],
@@ -172,7 +253,7 @@ class _Run:
             model = fresh_model()
             history = fine_tune(model, backbone, self.images, filtered["labels"][which - 1],
                                 filtered["clean"][which - 1], self.config.phase2, self._seed(which) + 1,
-                                self.config.num_workers, report)
+                                self.config.num_workers, report, extra_loss=self._contrastive(model, backbone))
             return {"state": model.state_dict(), "history": history}
 
         saved = self._stage(stage, train)
@@ -181,11 +262,23 @@ class _Run:
         model.load_state_dict(saved["state"])
         return model.eval().requires_grad_(False)
 
+    def _contrastive(self, model: ImageClassifier, backbone: Backbone) -> MomentumContrast | None:
+        """CoFT+'s momentum contrastive term for Phase II, or None (CoFT, or turned off)."""
+        plus = self.config.coft_plus
+        if self.method != "coft+" or not plus.contrastive:
+            return None
+        batch = self.config.phase2.batch_size
+        length = plus.queue_size or queue_size(len(self.images), batch, plus.queue_max)
+        return MomentumContrast(model.visual, self.images, backbone.preprocess_cfg, backbone.device,
+                                backbone.model_cfg["embed_dim"], momentum=plus.momentum,
+                                temperature=plus.temperature, weight=plus.contrastive_weight,
+                                queue_length=length, hflip=self.config.phase2.hflip)
+
     def _finish(self, members, backbone: Backbone, zero_shot: dict, filtered: dict | None = None,
                 prompt_models: list[PromptModel] | None = None) -> AdaptResult:
         report = self.tracker.reporter("finish")
         classifier = Classifier(members, self.class_names, backbone.model_cfg, backbone.preprocess_cfg)
-        predictions = classifier.predict(self.images, self.config.eval_batch_size)
+        predictions = classifier.predict(self.unlabeled_images, self.config.eval_batch_size)
         report(0.5, "predicting")
         self.metrics.update(self._quality_signals(zero_shot, filtered, predictions))
         if self.evaluation is not None:
@@ -198,11 +291,11 @@ class _Run:
             "metrics": self.metrics,
         })
         report(1.0, "done")
-        return AdaptResult(classifier, predictions, self.metrics, self._selections(zero_shot, filtered))
+        return AdaptResult(classifier, predictions, self.metrics,
+                           {**self._selections(zero_shot, filtered), **self.round_selections})
 
-    @staticmethod
-    def _selections(zero_shot: dict, filtered: dict | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        labels = zero_shot["probabilities"].argmax(dim=1)
+    def _selections(self, zero_shot: dict, filtered: dict | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        labels = zero_shot["probabilities"][:self.unlabeled].argmax(dim=1)
         selections = {"zero_shot": (torch.arange(len(labels)), labels)}
         if "s_star_indices" in zero_shot:
             selections["s_star"] = (zero_shot["s_star_indices"], zero_shot["s_star_labels"])
@@ -216,6 +309,7 @@ class _Run:
 
     def _quality_signals(self, zero_shot: dict, filtered: dict | None, predictions: Predictions) -> dict[str, Any]:
         num_classes = len(self.class_names)
+        zero_shot = {**zero_shot, "probabilities": zero_shot["probabilities"][:self.unlabeled]}
         zero_shot_counts = torch.bincount(zero_shot["probabilities"].argmax(dim=1), minlength=num_classes)
         final_counts = torch.bincount(predictions.indices, minlength=num_classes)
         probabilities = predictions.probabilities.clamp_min(1e-12)
@@ -225,7 +319,12 @@ class _Run:
             "prediction_entropy": float(-(probabilities * probabilities.log()).sum(dim=1).mean()),
             "zero_shot_mean_confidence": float(zero_shot["probabilities"].max(dim=1).values.mean()),
             "final_mean_confidence": float(predictions.probabilities.max(dim=1).values.mean()),
+            "prompt_source": zero_shot.get("prompt_source", "template"),
         }
+        if "prompt_fallback_reason" in zero_shot:
+            signals["prompt_fallback_reason"] = zero_shot["prompt_fallback_reason"]
+        if self.shot_labels.numel():
+            signals["labelled_shots"] = int(self.shot_labels.numel())
         if self.method != "zero-shot":
             s_star_counts = torch.bincount(zero_shot["s_star_labels"], minlength=num_classes)
             signals["s_star_size"] = int(len(zero_shot["s_star_indices"]))
@@ -248,6 +347,9 @@ class _Run:
         for i, model in enumerate(prompt_models, start=1):
             s_pos, _ = score_images(model, self.backbone, images, batch_size, self.config.num_workers)
             accuracy[f"phase1_model{i}"] = _accuracy(s_pos.argmax(dim=1), truth)
+            for round_, earlier in enumerate(self.round_models.get(i, [])[:-1], start=1):  # CoFT+'s earlier rounds
+                s_pos, _ = score_images(earlier, self.backbone, images, batch_size, self.config.num_workers)
+                accuracy[f"phase1_model{i}_round{round_}"] = _accuracy(s_pos.argmax(dim=1), truth)
         if len(classifier.members) > 1:
             for i in range(len(classifier.members)):
                 accuracy[f"phase2_model{i + 1}"] = _accuracy(classifier.member(i).predict(images, batch_size).indices,
@@ -304,13 +406,18 @@ class _Run:
         """Expected cost of each stage, in image forward passes (a training step counts three)."""
         n = len(self.images)
         costs = {"zero-shot": float(n)}
-        if self.method == "coft":
-            s_star = min(n, len(self.class_names) * self.config.pseudo_labels.top_k)
+        if self.method in ("coft", "coft+"):
+            plus = self.method == "coft+"
+            s_star = min(n, len(self.class_names) * self.config.pseudo_labels.top_k) + len(self.shot_labels)
             for i in (1, 2):
                 costs[f"phase1-model{i}"] = 3.0 * self.config.phase1.epochs * s_star
+                for round_ in range(2, (self.config.coft_plus.rounds if plus else 1) + 1):
+                    costs[f"phase1-model{i}-round{round_}"] = n + 3.0 * self.config.phase1.epochs * s_star
             costs["filter"] = 2.0 * n
+            # the contrastive term adds a query pass with gradient and a key pass without, on all of U
+            contrastive = 4.0 if plus and self.config.coft_plus.contrastive else 0.0
             for i in (1, 2):
-                costs[f"phase2-model{i}"] = 3.0 * self.config.phase2.epochs * n * 0.7
+                costs[f"phase2-model{i}"] = (3.0 * 0.7 + contrastive) * self.config.phase2.epochs * n
         costs["finish"] = 2.0 * n
         return costs
 
@@ -319,7 +426,8 @@ class _Run:
         digest = hashlib.sha256()
         digest.update(json.dumps({"method": self.method, "classes": self.class_names, "config": self.config.to_dict(),
                                   "backbone": [self.backbone.model_id, self.backbone.pretrained],
-                                  "num_images": len(self.images)}, sort_keys=True).encode())
+                                  "num_images": len(self.images), "descriptions": self.descriptions,
+                                  "shot_labels": self.shot_labels.tolist()}, sort_keys=True).encode())
         for image in (self.images[0], self.images[len(self.images) - 1]):
             digest.update(image.tobytes()[:4096])
         return digest.hexdigest()
@@ -353,3 +461,22 @@ class _Checkpoints:
 
     def completed(self) -> list[str]:
         return sorted(p.stem for p in self.directory.glob("*.pt"))
+
+
+class _Concat(Sequence):
+    """Unlabeled images followed by labelled shots, without copying either."""
+
+    def __init__(self, first: Sequence[Image.Image], second: Sequence[Image.Image]):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.first[index] if index < len(self.first) else self.second[index - len(self.first)]

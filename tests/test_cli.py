@@ -155,3 +155,36 @@ def test_predict_with_something_that_is_not_a_classifier(image_dir, tmp_path):
     assert result.exit_code == 2
     assert "not a coft classifier artifact" in said(result)
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_adapt_coft_plus_with_descriptions_and_shots(image_dir, tiny_model_id, tmp_path, monkeypatch):
+    monkeypatch.setenv("COFT_LLM_BASE_URL", "http://127.0.0.1:9/v1")  # configured, but user descriptions win
+    monkeypatch.setenv("COFT_LLM_MODEL", "any")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY_CONFIG, "coft_plus": {"rounds": 2}}))
+    descriptions = tmp_path / "descriptions.json"
+    descriptions.write_text(json.dumps({name: [f"a drawing of a {name}."] for name in CLASSES.split(",")}))
+    shots = tmp_path / "shots"
+    for i, name in enumerate(CLASSES.split(",")):
+        (shots / name).mkdir(parents=True)
+        draw_image(30 + i).save(shots / name / "shot.png")
+    out = tmp_path / "classifier"
+    result = invoke("adapt", "--images", image_dir, "--classes", CLASSES, "--model", tiny_model_id, "--method",
+                    "coft+", "--config", config, "--descriptions", descriptions, "--shots", shots, "--device", "cpu",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "prompt_source: user" in said(result) and "labelled_shots: 3" in said(result)
+    metadata = json.loads((out / METADATA_FILE).read_text())
+    assert metadata["method"] == "coft+" and metadata["metrics"]["prompt_source"] == "user"
+    assert "phase1_model2_round2_losses" in metadata["metrics"]
+
+    # the LLM endpoint is down: the run falls back to the template ensemble, and says so
+    result = invoke("adapt", "--images", image_dir, "--classes", CLASSES, "--model", tiny_model_id, "--method",
+                    "coft+", "--config", config, "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "prompt_source: template-ensemble" in said(result) and "ConnectError" in said(result)
+
+    descriptions.write_text(json.dumps({"red square": ["a red square."]}))
+    result = invoke("adapt", "--images", image_dir, "--classes", CLASSES, "--model", tiny_model_id, "--method",
+                    "coft+", "--descriptions", descriptions, "--device", "cpu", "--out", out)
+    assert result.exit_code == 2 and "missing classes" in said(result)

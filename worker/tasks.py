@@ -32,6 +32,7 @@ from app.queue import TASK_NAME
 from app.settings import Settings, get_settings
 from app.storage import classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions
 from coft.config import CoFTConfig
+from coft.descriptions import LLMEndpoint
 from coft.data import DataError, open_images, open_labelled_images
 from coft.pipeline import LabelledImages, adapt
 from coft.progress import Progress
@@ -138,7 +139,8 @@ class JobRun:
         with self.storage.work_dir(job_checkpoints(self.job_id)) as checkpoints:
             result = adapt(images, job.class_names, method=job.method, model=model, pretrained=pretrained,
                            config=config, progress=self._progress, checkpoint_dir=checkpoints,
-                           evaluation=evaluation, device=self.settings.device)
+                           evaluation=evaluation, device=self.settings.device,
+                           descriptions=job.class_descriptions, llm=self._llm())
         if self.stop.is_set():
             raise Stopped()
 
@@ -162,6 +164,13 @@ class JobRun:
         log.info("job succeeded", extra={"job_id": self.job_id, "classifier_id": classifier_id})
 
     # -- progress, heartbeat, cancellation ------------------------------------------------------
+
+    def _llm(self) -> LLMEndpoint | None:
+        """The settings' chat-completions endpoint for CoFT+'s class descriptions, if one is configured."""
+        settings = self.settings
+        if not settings.llm_base_url or not settings.llm_model:
+            return None
+        return LLMEndpoint(settings.llm_base_url, settings.llm_model, settings.llm_api_key, settings.llm_timeout_s)
 
     def _progress(self, event: Progress) -> None:
         """Called by adapt() many times per stage. Raising here stops the run (coft's contract)."""

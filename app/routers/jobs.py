@@ -64,7 +64,8 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
     backbones.resolve(settings, model, pretrained)
     job = Job(tenant_id=tenant.id, dataset_id=dataset.id, eval_dataset_id=body.eval_dataset_id,
               class_names=body.class_names, method=body.method, backbone_model=model, backbone_pretrained=pretrained,
-              template=body.template, config=method_config(body), idempotency_key=idempotency_key,
+              template=body.template, config=method_config(body), class_descriptions=body.class_descriptions,
+              idempotency_key=idempotency_key,
               request_hash=request_hash)
     session.add(job)
     try:

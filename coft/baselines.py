@@ -1,0 +1,275 @@
+"""The baselines CoFT and CoFT+ are measured against, on the same backbone and data
+(shared/design/coft-method.md, "Baselines"). Each returns a coft.classifier.Classifier, the artifact
+every method produces, so the benchmark scores them all the same way.
+
+Label-free:
+- zero-shot CLIP, one template or the template ensemble;
+- UPL (Huang et al., 2022): the top-K most confident zero-shot images per class, then a CoOp prompt
+  learned on them (one prompt model; UPL's ensemble of several prompt inits is left out);
+- FixMatch-style self-training (Sohn et al., 2020), with no labelled loss: a fresh vision tower and
+  a text-initialised head, the model's own argmax on a weak view is the target of the CE on a strong
+  (RandAugment) view, where its confidence reaches a threshold.
+With labels (k shots per class, to place the label-free methods against supervision):
+- CoOp (Zhou et al., 2022): a learned prompt context on the frozen CLIP;
+- a linear probe (Radford et al., 2021): L2-regularised logistic regression on frozen image features.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from coft.backbone import Backbone, _interpolation, _to_rgb, grad_scaler
+from coft.classifier import Classifier, ImageClassifier, text_head, zero_shot_classifier
+from coft.config import DEFAULT_TEMPLATE
+from coft.loader import map_batches, training_batches
+from coft.prompts import TEMPLATE_ENSEMBLE, PromptLearner, class_text_features
+from coft.pseudo_labels import top_k_per_class
+
+# CoOp's schedules (its configs vit_b16_ep50 / ep100 / ep200): fewer shots, fewer epochs.
+COOP_EPOCHS = {1: 50, 2: 50, 4: 100, 8: 100, 16: 200}
+
+
+@dataclass
+class CoOpConfig:
+    """CoOp's recipe: M = 16 context tokens, SGD lr 0.002, batch 32, cosine, random crop + flip."""
+
+    context_tokens: int = 16
+    init_std: float = 0.02
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int | None = None  # None: COOP_EPOCHS by shots per class (50 for UPL's pseudo-labels)
+    batch_size: int = 32
+    crop_scale_min: float = 0.5
+    hflip: bool = True
+
+
+@dataclass
+class UPLConfig:
+    top_k: int = 16  # pseudo-labelled images per class
+    template: str = DEFAULT_TEMPLATE
+    coop: CoOpConfig = None  # type: ignore[assignment]  # default: CoOpConfig(epochs=50), UPL's schedule
+
+    def __post_init__(self):
+        if self.coop is None:
+            self.coop = CoOpConfig(epochs=50)
+
+
+@dataclass
+class FixMatchConfig:
+    """FixMatch's threshold and RandAugment; the optimiser of CoFT's Phase II, for a like-for-like comparison."""
+
+    threshold: float = 0.95  # FixMatch's confidence threshold on the weak view
+    lr: float = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    batch_size: int = 64
+    crop_scale_min: float = 0.5
+    hflip: bool = True
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 10
+    template: str = DEFAULT_TEMPLATE
+
+
+@dataclass
+class LinearProbeConfig:
+    """CLIP's linear-probe recipe: logistic regression, L-BFGS, sklearn's C (inverse L2 strength).
+
+    C = 0.316 is the value of CLIP's own linear-probe example; the CLIP paper tunes C on a validation
+    split, which a k-shot setting does not have, and the test split must never serve as one.
+    """
+
+    inverse_l2: float = 0.316
+    max_iter: int = 1000
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+def zero_shot(backbone: Backbone, class_names: Sequence[str], ensemble: bool = False,
+              template: str = DEFAULT_TEMPLATE) -> Classifier:
+    """Zero-shot CLIP with one template, or the built-in template ensemble."""
+    templates = TEMPLATE_ENSEMBLE if ensemble else [template]
+    return zero_shot_classifier(backbone, class_names, class_text_features(backbone, class_names, templates))
+
+
+# --------------------------------------------------------------------------- CoOp and UPL
+
+
+def train_coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image], indices: torch.Tensor,
+               labels: torch.Tensor, config: CoOpConfig, seed: int, epochs: int) -> Classifier:
+    """Learn a CoOp context on images[indices] with `labels`; the classifier is the frozen vision tower
+    and a head of the learned class prompts (what CoOp computes at test time, cached)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        prompts = PromptLearner(backbone, class_names, config.context_tokens, config.init_std, generator)
+        optimizer = torch.optim.SGD([prompts.positive], lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        transform = backbone.train_transform(config.crop_scale_min, config.hflip)
+        loader = training_batches(images, transform, config.batch_size, seed, indices.tolist(), labels)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+        scaler = grad_scaler(backbone.device)
+        scale = backbone.logit_scale
+        for _ in range(epochs):
+            for pixels, batch_labels, _ in loader:
+                pixels, batch_labels = pixels.to(backbone.device), batch_labels.to(backbone.device)
+                with backbone.autocast():
+                    with torch.no_grad():  # the vision tower is frozen in CoOp
+                        image = F.normalize(backbone.model.encode_image(pixels).float(), dim=-1)
+                    loss = F.cross_entropy(scale * image @ prompts("positive").float().T, batch_labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+        with torch.no_grad():
+            class_features = prompts("positive").float()
+    return zero_shot_classifier(backbone, class_names, class_features)
+
+
+def coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image], labels: torch.Tensor,
+         config: CoOpConfig | None = None, seed: int = 0) -> Classifier:
+    """CoOp on labelled images (the k shots per class, as chosen by `sample_shots`)."""
+    config = config or CoOpConfig()
+    shots = int(torch.bincount(labels).max()) if len(labels) else 1
+    epochs = config.epochs or COOP_EPOCHS.get(shots, 200 if shots > 16 else 50)
+    return train_coop(backbone, class_names, images, torch.arange(len(images)), labels, config, seed, epochs)
+
+
+def upl(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image],
+        config: UPLConfig | None = None, seed: int = 0, batch_size: int = 128) -> Classifier:
+    """UPL: CoOp on the top-K most confident zero-shot pseudo-labels per class."""
+    config = config or UPLConfig()
+    text = class_text_features(backbone, class_names, [config.template])
+    features = encode_images(backbone, images, batch_size)
+    probabilities = (backbone.logit_scale * features @ text.to(features.device).T).softmax(dim=1).cpu()
+    indices, labels = top_k_per_class(probabilities, config.top_k)
+    return train_coop(backbone, class_names, images, indices, labels, config.coop, seed, config.coop.epochs or 50)
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+def linear_probe(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image], labels: torch.Tensor,
+                 config: LinearProbeConfig | None = None, batch_size: int = 128) -> Classifier:
+    """Logistic regression on the frozen, unit-norm image embeddings; sklearn's objective
+    C * sum CE + ||W||^2 / 2, divided by C*N: mean CE + ||W||^2 / (2 C N). The bias is not penalised."""
+    config = config or LinearProbeConfig()
+    features = encode_images(backbone, images, batch_size).float()
+    labels = labels.to(features.device)
+    head = nn.Linear(features.shape[1], len(class_names)).to(features.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    strength = 1.0 / (config.inverse_l2 * len(features))
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=config.max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(features), labels) + 0.5 * strength * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    member = ImageClassifier(copy.deepcopy(backbone.model.visual), head.requires_grad_(False))
+    return Classifier([member], class_names, backbone.model_cfg, backbone.preprocess_cfg)
+
+
+# --------------------------------------------------------------------------- FixMatch-style self-training
+
+
+class _WeakStrong(Dataset):
+    def __init__(self, images: Sequence[Image.Image], weak, strong):
+        self.images, self.weak, self.strong = images, weak, strong
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        return self.weak(image), self.strong(image)
+
+
+def strong_transform(preprocess_cfg: dict, config: FixMatchConfig) -> transforms.Compose:
+    size = preprocess_cfg["size"]
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    steps = [transforms.RandomResizedCrop(size, scale=(config.crop_scale_min, 1.0),
+                                          interpolation=_interpolation(preprocess_cfg.get("interpolation", "bicubic"))),
+             _to_rgb,
+             transforms.RandAugment(config.randaugment_ops, config.randaugment_magnitude)]
+    if config.hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])]
+    return transforms.Compose(steps)
+
+
+def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image],
+             config: FixMatchConfig | None = None, seed: int = 0) -> tuple[Classifier, dict]:
+    """Self-training of a fresh vision tower + zero-shot head; returns it and how many targets passed."""
+    config = config or FixMatchConfig()
+    text = class_text_features(backbone, class_names, [config.template])
+    model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
+    model.to(backbone.device).train().requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    dataset = _WeakStrong(images, backbone.train_transform(config.crop_scale_min, config.hflip),
+                          strong_transform(backbone.preprocess_cfg, config))
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.epochs * len(loader)))
+    scaler = grad_scaler(backbone.device)
+    passed = seen = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(config.epochs):
+            for weak, strong in loader:
+                weak, strong = weak.to(backbone.device), strong.to(backbone.device)
+                with backbone.autocast():
+                    with torch.no_grad():
+                        confidence, target = model(weak).float().softmax(dim=1).max(dim=1)
+                    keep = confidence >= config.threshold
+                    passed, seen = passed + int(keep.sum()), seen + len(keep)
+                    if keep.any():
+                        loss = F.cross_entropy(model(strong[keep]).float(), target[keep])
+                if keep.any():
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                schedule.step()
+    model.eval().requires_grad_(False)
+    classifier = Classifier([model], class_names, backbone.model_cfg, backbone.preprocess_cfg)
+    return classifier, {"mask_rate": passed / max(seen, 1)}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def encode_images(backbone: Backbone, images: Sequence[Image.Image], batch_size: int = 128) -> torch.Tensor:
+    """[N, D] unit-norm image embeddings of the frozen backbone, test-time transform."""
+    def encode(pixels):
+        with backbone.autocast():
+            return F.normalize(backbone.model.encode_image(pixels).float(), dim=-1)
+
+    return map_batches(encode, images, backbone.eval_transform(), batch_size, backbone.device).to(backbone.device)
+
+
+def sample_shots(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
+    """Indices of `shots` examples per class drawn at random (all of a class that has fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero(as_tuple=True)[0]
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return torch.cat(chosen).sort().values

@@ -1,0 +1,84 @@
+"""The baselines (coft.baselines) on the tiny random CLIP: what each trains, and that each yields a Classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coft.baselines import (CoOpConfig, FixMatchConfig, LinearProbeConfig, UPLConfig, coop, fixmatch, linear_probe,
+                            sample_shots, strong_transform, upl, zero_shot)
+from coft.classifier import Classifier
+from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
+
+CLASSES = ["red square", "green circle", "blue thing"]
+TINY_COOP = CoOpConfig(context_tokens=4, epochs=2, batch_size=4)
+
+
+def visual_state(backbone):
+    return {k: v.clone() for k, v in backbone.model.visual.state_dict().items()}
+
+
+def test_zero_shot_single_and_ensemble(tiny_backbone, tiny_images):
+    single, ensemble = zero_shot(tiny_backbone, CLASSES), zero_shot(tiny_backbone, CLASSES, ensemble=True)
+    torch.testing.assert_close(ensemble.members[0].head.weight,
+                               class_text_features(tiny_backbone, CLASSES, TEMPLATE_ENSEMBLE)
+                               * tiny_backbone.logit_scale)
+    assert not torch.allclose(single.members[0].head.weight, ensemble.members[0].head.weight)
+    assert single.predict(tiny_images).probabilities.shape == (8, 3)
+
+
+def test_coop_learns_only_the_prompt_and_leaves_clip_alone(tiny_backbone, tiny_images):
+    before = visual_state(tiny_backbone)
+    classifier = coop(tiny_backbone, CLASSES, tiny_images, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), TINY_COOP)
+    assert isinstance(classifier, Classifier)
+    for name, value in tiny_backbone.model.visual.state_dict().items():
+        assert torch.equal(value, before[name])
+    member = classifier.members[0]
+    for name, value in member.visual.state_dict().items():  # CoOp's vision tower is CLIP's
+        assert torch.equal(value, before[name])
+    zero = zero_shot(tiny_backbone, CLASSES)
+    assert not torch.allclose(member.head.weight, zero.members[0].head.weight)  # the learned prompts
+
+
+def test_upl_trains_on_the_top_k(tiny_backbone, tiny_images):
+    classifier = upl(tiny_backbone, CLASSES, tiny_images, UPLConfig(top_k=2, coop=TINY_COOP))
+    assert classifier.predict(tiny_images).probabilities.shape == (8, 3)
+
+
+def test_linear_probe_fits_its_shots(tiny_backbone, tiny_images):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    classifier = linear_probe(tiny_backbone, CLASSES, tiny_images, labels, LinearProbeConfig(inverse_l2=1e4))
+    # weakly regularised, 8 points in 32 dimensions: separable, every training shot right
+    assert classifier.predict(tiny_images).indices.tolist() == labels.tolist()
+    strong = linear_probe(tiny_backbone, CLASSES, tiny_images, labels, LinearProbeConfig(inverse_l2=1e-4))
+    assert strong.members[0].head.weight.norm() < classifier.members[0].head.weight.norm()
+
+
+def test_fixmatch_threshold_gates_the_update(tiny_backbone, tiny_images):
+    config = FixMatchConfig(epochs=1, batch_size=4, threshold=1.01)  # no target can pass
+    before = visual_state(tiny_backbone)
+    classifier, info = fixmatch(tiny_backbone, CLASSES, tiny_images, config)
+    assert info["mask_rate"] == 0.0
+    for name, value in classifier.members[0].visual.state_dict().items():
+        assert torch.equal(value, before[name])  # nothing passed: nothing trained
+    config = FixMatchConfig(epochs=1, batch_size=4, threshold=0.0)  # every target passes
+    classifier, info = fixmatch(tiny_backbone, CLASSES, tiny_images, config)
+    assert info["mask_rate"] == 1.0
+    assert any(not torch.equal(v, before[k]) for k, v in classifier.members[0].visual.state_dict().items())
+    for name, value in tiny_backbone.model.visual.state_dict().items():  # a copy trained, not the backbone
+        assert torch.equal(value, before[name])
+
+
+def test_strong_view_is_random(tiny_backbone, tiny_images):
+    transform = strong_transform(tiny_backbone.preprocess_cfg, FixMatchConfig())
+    assert not torch.equal(transform(tiny_images[0]), transform(tiny_images[0]))
+
+
+@pytest.mark.parametrize("shots", [1, 2, 4])
+def test_sample_shots(shots):
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 10)
+    chosen = sample_shots(labels, shots, seed=3)
+    counts = torch.bincount(labels[chosen], minlength=3).tolist()
+    assert counts == [min(shots, 5), min(shots, 3), shots]
+    assert chosen.tolist() == sample_shots(labels, shots, seed=3).tolist()
+    assert len(set(chosen.tolist())) == len(chosen)
