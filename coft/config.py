@@ -27,6 +27,9 @@ class Phase1Config:
 
     context_tokens: int = 16  # M
     context_init_std: float = 0.02
+    # "": random contexts (the spec's default); a phrase such as "a photo of a": CoOp's init from its
+    # word embeddings (plus the noise above), so training starts from the zero-shot classifier.
+    context_init: str = ""
     vpt_tokens: int = 20  # per layer
     vpt_deep: bool = True
     vpt_init_std: float = 0.02

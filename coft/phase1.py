@@ -30,7 +30,8 @@ class PromptModel(nn.Module):
     def __init__(self, backbone: Backbone, class_names: Sequence[str], config: Phase1Config, seed: int):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.prompts = PromptLearner(backbone, class_names, config.context_tokens, config.context_init_std, generator)
+        self.prompts = PromptLearner(backbone, class_names, config.context_tokens, config.context_init_std, generator,
+                                     config.context_init)
         self.visual = prompted_visual(backbone.model.visual, backbone.model_cfg["embed_dim"], config.vpt_tokens,
                                       config.vpt_deep, config.vpt_init_std, generator)
         self.scale = backbone.logit_scale

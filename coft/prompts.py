@@ -52,11 +52,21 @@ class PromptLearner(nn.Module):
     """Positive and negative learnable contexts for C classes, on a frozen CLIP text encoder."""
 
     def __init__(self, backbone: Backbone, class_names: Sequence[str], context_tokens: int, init_std: float,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, init_phrase: str = ""):
+        """`init_phrase` (CoOp's "a photo of a"): start both contexts from its word embeddings, so the
+        untrained model is the zero-shot one; its token count then sets the context length."""
         super().__init__()
         clip = backbone.model
         text = _text_modules(clip)
         width = text.token_embedding.weight.shape[1]
+        phrase_embedding = None
+        if init_phrase.strip():
+            phrase_tokens = backbone.tokenizer([init_phrase.strip()])[0]
+            length = int((phrase_tokens != 0).sum())  # start-of-text, the words, end-of-text; then padding
+            phrase_tokens = phrase_tokens[1:length - 1]
+            with torch.no_grad():
+                phrase_embedding = text.token_embedding(phrase_tokens.to(backbone.device)).float()
+            context_tokens = len(phrase_tokens)
         placeholder = " ".join(["X"] * context_tokens)
         tokens = backbone.tokenizer([f"{placeholder} {name}." for name in class_names])
         self._check_fits(tokens, backbone.tokenizer, class_names, context_tokens)
@@ -67,8 +77,12 @@ class PromptLearner(nn.Module):
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + context_tokens:].clone(), persistent=False)
         shape = (context_tokens, width)
-        self.positive = nn.Parameter(torch.randn(shape, generator=generator).to(backbone.device) * init_std)
-        self.negative = nn.Parameter(torch.randn(shape, generator=generator).to(backbone.device) * init_std)
+        positive = torch.randn(shape, generator=generator).to(backbone.device) * init_std
+        negative = torch.randn(shape, generator=generator).to(backbone.device) * init_std
+        if phrase_embedding is not None:  # the noise still tells the two models apart
+            positive, negative = phrase_embedding + positive, phrase_embedding + negative
+        self.positive = nn.Parameter(positive)
+        self.negative = nn.Parameter(negative)
         self._clip = [clip]  # a list, so the frozen CLIP is not registered as a submodule of ours
 
     @staticmethod

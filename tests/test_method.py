@@ -257,6 +257,22 @@ def test_prompt_learner_with_template_words_reproduces_encode_text(tiny_backbone
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_context_init_phrase_starts_from_the_zero_shot_prompt(tiny_backbone):
+    """CoOp's init: the context is the phrase's word embeddings (its length, not context_tokens), so
+    with no noise the untrained positive and negative prompts are the written template."""
+    config = Phase1Config(**(TINY_PHASE1 | {"context_tokens": 9, "context_init": "a photo of one",
+                                            "context_init_std": 0.0}))
+    prompts = PromptModel(tiny_backbone, CLASSES, config, seed=0).prompts
+    assert prompts.positive.shape[0] == 4
+    expected = class_text_features(tiny_backbone, CLASSES, ["a photo of one {}."])
+    with torch.no_grad():
+        torch.testing.assert_close(prompts("positive"), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prompts("negative"), expected, atol=1e-5, rtol=1e-5)
+    noisy = PromptModel(tiny_backbone, CLASSES, Phase1Config(**(TINY_PHASE1 | {"context_init": "a photo of one"})),
+                        seed=0).prompts
+    assert not torch.equal(noisy.positive, noisy.negative)
+
+
 # --------------------------------------------------------------------------- VPT
 
 
