@@ -55,6 +55,18 @@ _HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-la
                401: "unauthorized", 415: "unsupported-media-type"}
 
 
+# Request fields with a problem type of their own, so clients need not parse `errors` to tell a bad
+# class list from any other schema mismatch.
+_FIELD_SLUGS = {"class_names": "invalid-class-names", "template": "invalid-template"}
+
+
+def _validation_slug(errors: list[dict[str, Any]]) -> str:
+    fields = {tuple(e["loc"][:2]) for e in errors}
+    if len(fields) == 1 and (field := fields.pop())[0] == "body" and len(field) == 2:
+        return _FIELD_SLUGS.get(str(field[1]), "validation-error")
+    return "validation-error"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -66,7 +78,8 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
-        return problem_response(422, "validation-error", "Invalid request", detail, request.url.path, errors=errors)
+        return problem_response(422, _validation_slug(errors), "Invalid request", detail, request.url.path,
+                                errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
