@@ -10,8 +10,8 @@ from fastapi import FastAPI
 
 from app.auth import ensure_key
 from app.db import session_scope
-from app.errors import BodySizeLimit, install_error_handlers
-from app.gate import FileRouteGate, RateLimits
+from app.errors import BodySizeLimit, document_problems, install_error_handlers
+from app.gate import FileRouteGate, RateLimits, bucket_for
 from app.logs import configure_logging
 from app.metrics import LatencyMiddleware, Metrics
 from app.queue import make_celery
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classifiers.router)
     app.include_router(zero_shot.router)
     app.include_router(models.router)
+    document_problems(app, gated=lambda method, path: bucket_for(method, path) is not None)
     return app
 
 
