@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,6 +56,18 @@ _HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-la
                401: "unauthorized", 415: "unsupported-media-type"}
 
 
+# Request fields with a problem type of their own, so clients need not parse `errors` to tell a bad
+# class list from any other schema mismatch.
+_FIELD_SLUGS = {"class_names": "invalid-class-names", "template": "invalid-template"}
+
+
+def _validation_slug(errors: list[dict[str, Any]]) -> str:
+    fields = {tuple(e["loc"][:2]) for e in errors}
+    if len(fields) == 1 and (field := fields.pop())[0] == "body" and len(field) == 2:
+        return _FIELD_SLUGS.get(str(field[1]), "validation-error")
+    return "validation-error"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -66,7 +79,8 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
-        return problem_response(422, "validation-error", "Invalid request", detail, request.url.path, errors=errors)
+        return problem_response(422, _validation_slug(errors), "Invalid request", detail, request.url.path,
+                                errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -81,6 +95,48 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(500, "internal-error", "Internal server error",
                                 "an unexpected error occurred; it has been logged", request.url.path)
+
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status"],
+    "properties": {
+        "type": {"type": "string", "description": "https://coft.dev/problems/<slug>: switch on this"},
+        "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"},
+        "instance": {"type": "string"},
+    },
+    "additionalProperties": True,  # extension members: errors, rejected, checks, jobs, retry_after_s
+}
+
+
+def document_problems(app: FastAPI, gated: Callable[[str, str], bool]) -> None:
+    """Make the OpenAPI document say what the API really answers on errors: every 4xx/5xx is
+    problem+json (FastAPI would document its own 422 body, which we never send); /v1 routes can
+    answer 401; file routes (`gated`) can answer 413 and 429."""
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        components["Problem"] = PROBLEM_SCHEMA
+        for path, item in schema["paths"].items():
+            for method, operation in item.items():
+                responses = operation.setdefault("responses", {})
+                if path.startswith("/v1/"):
+                    responses.setdefault("401", {"description": "no API key, or an unknown one"})
+                if gated(method.upper(), path):
+                    responses.setdefault("413", {"description": "body over the configured size limit"})
+                    responses.setdefault("429", {"description": "over the tenant's rate limit", "headers": {
+                        "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}})
+                for code, response in responses.items():
+                    if code[0] in "45":
+                        response["content"] = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 class BodySizeLimit:

@@ -16,6 +16,7 @@ from coft.classifier import Predictions
 from coft.data import DataError, ImageSet, decode_image
 from app.errors import Problem
 from app.schemas import ImagePrediction, LabelProbability
+from app.settings import Settings
 
 V = TypeVar("V")
 
@@ -44,16 +45,22 @@ class LRUCache(Generic[V]):
             self._items.pop(key, None)
 
 
-def read_images(files: list[UploadFile], max_images: int) -> ImageSet:
-    """Decode uploads in request order, or a 422 problem naming every unusable file."""
+def read_images(files: list[UploadFile], settings: Settings) -> ImageSet:
+    """Decode uploads in request order, or a 422 problem naming every unusable file. The limits
+    are the dataset ones (COFT_MAX_IMAGE_PIXELS, COFT_MAX_IMAGE_BYTES)."""
     if not files:
         raise Problem(422, "no-usable-images", "send one or more images in the multipart field `images`")
-    if len(files) > max_images:
-        raise Problem(422, "too-many-images", f"at most {max_images} images per request, got {len(files)}")
+    if len(files) > settings.max_predict_images:
+        raise Problem(422, "too-many-images",
+                      f"at most {settings.max_predict_images} images per request, got {len(files)}")
+    limits = settings.data_limits()
     decoded, rejected = [], []
     for upload in files:
+        data = upload.file.read(limits.max_file_bytes + 1)
         try:
-            decoded.append(decode_image(upload.file.read()))
+            if len(data) > limits.max_file_bytes:
+                raise DataError("unusable-image", f"file too large (over {limits.max_file_bytes} bytes)")
+            decoded.append(decode_image(data, limits=limits))
         except DataError as error:
             rejected.append({"filename": upload.filename, "reason": error.message})
     if rejected:

@@ -7,6 +7,7 @@ API, the worker and the sweeper can race without locks and exactly one of them w
     RUNNING -> CANCELLING -> CANCELLED        (the worker notices within a heartbeat and stops)
     RUNNING -> QUEUED                         (sweeper: heartbeat stale, attempts left; resumes from checkpoints)
     RUNNING -> FAILED                         (sweeper: heartbeat stale, attempt cap reached)
+    QUEUED -> QUEUED                          (sweeper: queued too long, its message is sent again)
     CANCELLING -> CANCELLED                   (sweeper: the cancelling worker died)
 
 `attempts` doubles as a fencing token: a worker only writes while the row still carries the attempt
@@ -149,3 +150,14 @@ def sweep_stale(session: Session, stale_after_s: float, max_attempts: int) -> Sw
                          finished_at=utcnow()):
             result.failed.append(job_id)
     return result
+
+
+def touch_long_queued(session: Session, queued_for_s: float) -> list[str]:
+    """QUEUED jobs nobody has touched for `queued_for_s`: their broker message may be gone (Redis
+    restarted without persistence, or the API died between commit and enqueue). Each one returned
+    is touched in the same conditional UPDATE, so whichever sweeper wins sends it again, once per
+    period. A duplicate message is harmless: `claim` lets only one worker run the job."""
+    cutoff = utcnow() - timedelta(seconds=queued_for_s)
+    waiting = session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED, Job.updated_at < cutoff)).all()
+    return [job_id for job_id in waiting
+            if _transition(session, job_id, [Job.status == JobStatus.QUEUED, Job.updated_at < cutoff])]

@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from app.auth import ensure_key
 from app.db import session_scope
-from app.errors import BodySizeLimit, install_error_handlers
+from app.errors import BodySizeLimit, document_problems, install_error_handlers
+from app.gate import FileRouteGate, RateLimits, bucket_for
 from app.logs import configure_logging
 from app.metrics import LatencyMiddleware, Metrics
 from app.queue import make_celery
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings) if settings.redis_url else None
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit_for=partial(_body_limit, settings))
+    # Outside the size limit: who is asking is settled first, from the headers alone.
+    app.add_middleware(FileRouteGate, settings=settings, rate_limits=RateLimits(settings))
     app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(datasets.router)
@@ -62,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classifiers.router)
     app.include_router(zero_shot.router)
     app.include_router(models.router)
+    document_problems(app, gated=lambda method, path: bucket_for(method, path) is not None)
     return app
 
 

@@ -16,8 +16,12 @@ class PageParams:
     offset: int
 
 
+# Databases take 64-bit offsets at most (found by fuzzing: a larger one was a 500); no list is this long.
+MAX_OFFSET = 2**31 - 1
+
+
 def page_params(limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                offset: Annotated[int, Query(ge=0)] = 0) -> PageParams:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> PageParams:
     return PageParams(limit, offset)
 
 

@@ -8,6 +8,30 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 T = TypeVar("T")
+MAX_CLASSES = 1000
+MAX_CLASS_NAME_CHARS = 200
+
+
+def check_class_names(names: list[str]) -> list[str]:
+    """The names stripped of surrounding spaces, or ValueError saying what is wrong with them.
+
+    Distinct means distinct after coft.data.normalise_class_name ("Sea_lion" == "sea lion"), the
+    rule an eval dataset's folders are matched by, so two classes can never claim one folder.
+    """
+    from coft.data import normalise_class_name
+
+    names = [n.strip() for n in names]
+    if not 2 <= len(names) <= MAX_CLASSES:
+        raise ValueError(f"give 2 to {MAX_CLASSES} class names, not {len(names)}")
+    if any(not n or len(n) > MAX_CLASS_NAME_CHARS for n in names):
+        raise ValueError(f"class names must be 1 to {MAX_CLASS_NAME_CHARS} characters, not blank")
+    seen: dict[str, str] = {}
+    for name in names:
+        if (key := normalise_class_name(name)) in seen:
+            raise ValueError(f"class names {seen[key]!r} and {name!r} are the same class (case, spaces, _ and - "
+                             "do not count)")
+        seen[key] = name
+    return names
 
 
 class Page(BaseModel, Generic[T]):
@@ -56,7 +80,7 @@ class JobCreate(BaseModel):
         "backbone": {"model": "proxy"}, "config": {"phase1": {"epochs": 10}}}]})
 
     dataset_id: str
-    class_names: list[str] = Field(min_length=2, max_length=1000)
+    class_names: list[str] = Field(min_length=2, max_length=MAX_CLASSES)
     method: Method = "coft"
     backbone: BackboneSpec | None = Field(None, description="default: the service's default model (proxy)")
     template: str | None = Field(None, description='zero-shot prompt template with "{}" for the class name',
@@ -72,12 +96,7 @@ class JobCreate(BaseModel):
     @field_validator("class_names")
     @classmethod
     def _names(cls, names: list[str]) -> list[str]:
-        names = [n.strip() for n in names]
-        if any(not n or len(n) > 200 for n in names):
-            raise ValueError("class names must be 1 to 200 characters")
-        if len({n.casefold() for n in names}) != len(names):
-            raise ValueError("class names must be distinct")
-        return names
+        return check_class_names(names)
 
     @field_validator("template")
     @classmethod

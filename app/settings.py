@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coft.data import DataLimits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COFT_", extra="ignore", populate_by_name=True)
@@ -28,6 +30,16 @@ class Settings(BaseSettings):
     max_predict_images: int = 64  # per predict request
     max_predict_bytes: int = 64 * 2**20  # per predict request body
     classifier_cache_size: int = 4  # loaded classifiers (and zero-shot backbones) kept in memory
+    # What one image and one archive may cost to validate; the same image limits apply to /predict.
+    max_image_pixels: int = 40_000_000  # width*height, checked on the header before decoding
+    max_image_bytes: int = 50 * 2**20  # one image file (an archive member, or a predict upload)
+    max_archive_entries: int = 100_000
+    max_archive_ratio: float = 200.0  # uncompressed/compressed, beyond which an archive is a zip bomb
+
+    # Per-tenant rate limits, in the `limits` package's notation ("30/minute", "10/second;500/hour").
+    # Counted in Redis when REDIS_URL is set (shared by every API process), else in this process.
+    rate_limit_uploads: str = "60/minute"  # POST /v1/datasets
+    rate_limit_predict: str = "6000/minute"  # classifier and zero-shot predict requests
 
     # Jobs
     default_model: str = "proxy"
@@ -35,6 +47,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 5.0  # how often a running job writes progress + heartbeat
     heartbeat_stale_s: float = 120.0  # a RUNNING job silent this long has lost its worker
     sweep_interval_s: float = 15.0
+    # A job QUEUED this long is sent to the broker again, in case its message was lost (Redis restarted
+    # without persistence). Duplicates are harmless: only one worker can claim the row.
+    queued_resend_s: float = 600.0
     max_attempts: int = 3  # worker deaths tolerated per job before it is FAILED
     job_time_limit_s: int = 24 * 3600  # hard limit per job attempt; the soft limit is 60 s earlier
     # Test and demo aid: sleep this long in every progress event so a tiny job's stages can be watched.
@@ -59,6 +74,11 @@ class Settings(BaseSettings):
         if self.heartbeat_stale_s <= 2 * self.heartbeat_interval_s:
             raise ValueError("heartbeat_stale_s must exceed twice heartbeat_interval_s")
         return self
+
+    def data_limits(self) -> DataLimits:
+        """coft.data's limits as configured here: uploads, job inputs and predict images alike."""
+        return DataLimits(max_image_pixels=self.max_image_pixels, max_file_bytes=self.max_image_bytes,
+                          max_entries=self.max_archive_entries, max_compression_ratio=self.max_archive_ratio)
 
     @property
     def broker_url(self) -> str:

@@ -97,14 +97,18 @@ class LocalStorage:
     def put_dir(self, key: str, source: Path) -> int:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Readers see the old directory or the new one, never a half-written or half-deleted one:
+        # the copy is made under a hidden name, and the swap is two renames (each atomic).
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        retired = path.parent / f"{staging.name}.old"
         try:
             shutil.copytree(source, staging, dirs_exist_ok=True)
             if path.exists():
-                shutil.rmtree(path)
+                path.rename(retired)
             staging.rename(path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(retired, ignore_errors=True)
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
     def exists(self, key: str) -> bool:

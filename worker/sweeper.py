@@ -1,4 +1,5 @@
-"""Runs in each worker's main process: re-queues jobs whose worker died, and announces the worker.
+"""Runs in each worker's main process: re-queues jobs whose worker died, re-sends jobs whose queue
+message was lost, and announces the worker.
 
 Every worker sweeps; that is safe because each re-queue is a conditional UPDATE that only one
 sweeper can win, and it saves running a separate scheduler (celery beat) process.
@@ -13,7 +14,7 @@ import threading
 from celery import Celery
 
 from app.db import session_scope
-from app.jobs import sweep_stale
+from app.jobs import sweep_stale, touch_long_queued
 from app.queue import enqueue_job
 from app.settings import Settings
 from app.workers import KEY_PREFIX, announce, redis_client
@@ -53,10 +54,14 @@ class Sweeper(threading.Thread):
         try:
             with session_scope(self.settings.database_url) as session:
                 result = sweep_stale(session, self.settings.heartbeat_stale_s, self.settings.max_attempts)
+                resend = touch_long_queued(session, self.settings.queued_resend_s)
             for job_id in result.requeued:
                 enqueue_job(self.celery, job_id)
             for kind in ("requeued", "failed", "cancelled"):
                 for job_id in getattr(result, kind):
                     log.warning(f"stale job {kind}", extra={"job_id": job_id})
+            for job_id in resend:
+                enqueue_job(self.celery, job_id)
+                log.warning("long-queued job sent again", extra={"job_id": job_id})
         except Exception:  # noqa: BLE001 - a database hiccup must not kill the sweeper thread
             log.exception("sweep failed")

@@ -75,6 +75,7 @@ class JobRun:
         self.stop = threading.Event()  # set by the heartbeat thread when the row stops saying RUNNING
         self.done = threading.Event()
         self.last_write, self.last_stage = 0.0, None
+        self.resumed_stages: list[str] = []  # loaded from an earlier attempt's checkpoints, shown in metrics
 
     def run(self) -> None:
         with session_scope(self.db) as session:
@@ -130,11 +131,12 @@ class JobRun:
             raise JobFailure(problem.slug, problem.detail) from None
         config = CoFTConfig.from_dict(job.config)
         with self.storage.local_file(dataset_archive(job.dataset_id)) as path:
-            images = open_images(path)
+            images = open_images(path, limits=self.settings.data_limits())
         evaluation = None
         if job.eval_dataset_id is not None:
             with self.storage.local_file(dataset_archive(job.eval_dataset_id)) as path:
-                labelled = open_labelled_images(path, class_names=job.class_names)
+                labelled = open_labelled_images(path, class_names=job.class_names,
+                                                limits=self.settings.data_limits())
             evaluation = LabelledImages(labelled.images, torch.tensor(labelled.labels))
         with self.storage.work_dir(job_checkpoints(self.job_id)) as checkpoints:
             result = adapt(images, job.class_names, method=job.method, model=model, pretrained=pretrained,
@@ -156,7 +158,7 @@ class JobRun:
                          backbone_pretrained=job.backbone_pretrained,
                          num_members=len(result.classifier.members), size_bytes=size)
         with session_scope(self.db) as session:
-            succeeded = succeed(session, self.job_id, self.attempt, row, _json_safe(result.metrics))
+            succeeded = succeed(session, self.job_id, self.attempt, row, self._metrics(result.metrics))
         if not succeeded:  # cancelled (or taken over) while the artifact was being written
             self.storage.delete(classifier_dir(classifier_id))
             self.storage.delete(job_predictions(self.job_id))
@@ -178,6 +180,8 @@ class JobRun:
             time.sleep(self.settings.worker_progress_delay_s)
         if self.stop.is_set():
             raise Stopped()
+        if event.message == "resumed from checkpoint":  # coft's words for a stage an earlier attempt finished
+            self.resumed_stages.append(event.stage)
         now = time.monotonic()
         # Write on every stage change (users watch stages) and otherwise at the heartbeat rate.
         if event.stage == self.last_stage and now - self.last_write < self.settings.heartbeat_interval_s:
@@ -185,10 +189,15 @@ class JobRun:
         self.last_stage, self.last_write = event.stage, now
         with session_scope(self.db) as session:
             alive = heartbeat(session, self.job_id, self.attempt, stage=event.stage, progress=event.fraction,
-                              eta_s=event.eta_s, metrics=_json_safe(event.metrics))
+                              eta_s=event.eta_s, metrics=self._metrics(event.metrics))
         if not alive:
             self.stop.set()
             raise Stopped()
+
+    def _metrics(self, metrics: dict) -> dict:
+        if self.resumed_stages:
+            metrics = {**metrics, "resumed_stages": self.resumed_stages}
+        return _json_safe(metrics)
 
     def _heartbeat_loop(self) -> None:
         while not self.done.wait(self.settings.heartbeat_interval_s):

@@ -60,7 +60,7 @@ def predict(classifier_id: str, images: Annotated[list[UploadFile], File(descrip
     """Label each image (multipart field `images`, repeated): the label, its probability, the top k."""
     get_owned_classifier(session, tenant, classifier_id)
     session.close()  # inference can take a while; do not hold a pooled connection meanwhile
-    image_set = read_images(images, settings.max_predict_images)
+    image_set = read_images(images, settings)
 
     def load() -> CoftClassifier:
         with storage.local_dir(classifier_dir(classifier_id)) as path:

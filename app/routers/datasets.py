@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Response, UploadFile, status
 from sqlalchemy import or_, select
 
 from coft.data import DataError, open_images
-from app.deps import SessionDep, get_owned, StorageDep, TenantDep
+from app.deps import SessionDep, SettingsDep, get_owned, StorageDep, TenantDep
 from app.errors import Problem
 from app.models import Dataset, Job, JobStatus, new_id
 from app.pagination import PageDep, paginate
@@ -24,7 +24,8 @@ _CHUNK = 1 << 20
              responses={422: {"description": "unusable archive (problem type = coft.data error code)"},
                         413: {"description": "upload larger than COFT_MAX_UPLOAD_BYTES"}})
 def create_dataset(file: Annotated[UploadFile, File(description="zip or tar(.gz) archive of images")],
-                   session: SessionDep, tenant: TenantDep, storage: StorageDep, response: Response) -> Dataset:
+                   session: SessionDep, tenant: TenantDep, storage: StorageDep, settings: SettingsDep,
+                   response: Response) -> Dataset:
     """Upload an archive of images (multipart field `file`). Unusable files are listed with a reason;
     an archive with no usable image, or a hostile one (zip bomb, path traversal, links), is refused."""
     dataset_id = new_id("ds")
@@ -33,12 +34,14 @@ def create_dataset(file: Annotated[UploadFile, File(description="zip or tar(.gz)
     size, sha256 = storage.write(key, iter(lambda: file.file.read(_CHUNK), b""))
     try:
         with storage.local_file(key) as path:
-            images = open_images(path)  # decodes every image once: bad files become `rejected`
+            images = open_images(path, limits=settings.data_limits())  # decodes every image: bad ones are `rejected`
     except DataError as error:
         storage.delete(dataset_dir(dataset_id))
         raise Problem(422, error.code, error.message, "Unusable dataset") from None
     rejected = [{"path": r.path, "reason": r.reason} for r in images.rejected]
-    dataset = Dataset(id=dataset_id, tenant_id=tenant.id, filename=(file.filename or "upload")[:500],
+    # NUL is the one character PostgreSQL text refuses; a client-chosen name must not make a 500.
+    filename = (file.filename or "upload").replace("\x00", "")[:500]
+    dataset = Dataset(id=dataset_id, tenant_id=tenant.id, filename=filename,
                       size_bytes=size, sha256=sha256, num_images=len(images),
                       rejected=rejected[:MAX_REJECTED_STORED], num_rejected=len(rejected))
     session.add(dataset)

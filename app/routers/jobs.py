@@ -58,7 +58,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
             return replay
     dataset = get_owned_dataset(session, tenant, body.dataset_id)
     if body.eval_dataset_id is not None:
-        _check_eval_dataset(get_owned_dataset(session, tenant, body.eval_dataset_id).id, body, storage)
+        _check_eval_dataset(get_owned_dataset(session, tenant, body.eval_dataset_id).id, body, storage, settings)
     model = body.backbone.model if body.backbone else settings.default_model
     pretrained = body.backbone.pretrained if body.backbone else None
     backbones.resolve(settings, model, pretrained)
@@ -101,11 +101,11 @@ def _replay(session, tenant_id: str, key: str, request_hash: str, response: Resp
     return JobOut.of(job)
 
 
-def _check_eval_dataset(dataset_id: str, body: JobCreate, storage) -> None:
+def _check_eval_dataset(dataset_id: str, body: JobCreate, storage, settings) -> None:
     """Fail now, not an hour into training, if the holdout's folders are not the job's classes."""
     try:
         with storage.local_file(dataset_archive(dataset_id)) as path:
-            open_labelled_images(path, class_names=body.class_names)
+            open_labelled_images(path, class_names=body.class_names, limits=settings.data_limits())
     except DataError as error:
         raise Problem(422, error.code, f"eval dataset: {error.message}", "Unusable eval dataset") from None
     except ValueError as error:

@@ -11,7 +11,7 @@ from app.deps import SettingsDep, TenantDep
 from app.errors import Problem
 from app.inference import prediction_items, read_images
 from coft.classifier import zero_shot_classifier
-from app.schemas import PredictResponse
+from app.schemas import PredictResponse, check_class_names
 
 router = APIRouter(prefix="/v1/zero-shot", tags=["zero-shot"])
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -28,13 +28,14 @@ def zero_shot_predict(
     top_k: Annotated[int, Query(ge=1, le=100)] = 5,
 ) -> PredictResponse:
     """Classify images by their similarity to "a photo of a {class}." with a CLIP backbone."""
-    names = [n.strip() for n in class_names]
-    if len(names) < 2 or any(not n for n in names) or len({n.casefold() for n in names}) != len(names):
-        raise Problem(422, "invalid-class-names", "give two or more distinct, non-blank class names")
+    try:
+        names = check_class_names(class_names)
+    except ValueError as error:
+        raise Problem(422, "invalid-class-names", str(error), "Invalid class names") from None
     if template.count("{}") != 1:
         raise Problem(422, "invalid-template", 'the template needs exactly one "{}" for the class name')
     model_id, weights = backbones.resolve(settings, model or settings.default_model, pretrained or None)
-    image_set = read_images(images, settings.max_predict_images)
+    image_set = read_images(images, settings)
 
     def load():
         from coft.backbone import load_backbone

@@ -134,3 +134,20 @@ def test_sweeper_finishes_orphaned_cancellations(stack):
     with session_scope(url) as session:
         assert sweep_stale(session, 60, max_attempts=3).cancelled == [job_id]
     assert status(url, job_id).status == JobStatus.CANCELLED
+
+
+def test_long_queued_jobs_are_handed_out_for_resending_once_per_period(stack):
+    from app.jobs import touch_long_queued
+
+    url = stack.database_url
+    waiting, running = new_job(url), new_job(url)
+    with session_scope(url) as session:
+        claim(session, running, "w1")
+        assert waiting not in touch_long_queued(session, 60)  # queued just now: its message is on its way
+        session.execute(update(Job).where(Job.id.in_([waiting, running]))
+                        .values(updated_at=utcnow() - timedelta(seconds=120)))
+        session.commit()
+        handed_out = touch_long_queued(session, 60)  # (other tests' jobs may be in this database too)
+        assert waiting in handed_out and running not in handed_out
+        assert waiting not in touch_long_queued(session, 60)  # touched: the next sweeper leaves it for a period
+    assert status(url, waiting).status == JobStatus.QUEUED

