@@ -69,12 +69,12 @@ class FixMatchConfig:
     """FixMatch's threshold and RandAugment; the optimiser of CoFT's Phase II, for a like-for-like comparison."""
 
     threshold: float = 0.95  # FixMatch's confidence threshold on the weak view
-    lr: float = 5e-4
+    lr: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: int = 10
     batch_size: int = 64
-    crop_scale_min: float = 0.5
+    crop_scale_min: float = 0.8
     hflip: bool = True
     randaugment_ops: int = 2
     randaugment_magnitude: int = 10

@@ -50,13 +50,16 @@ class Phase1Config:
 class Phase2Config:
     """Full fine-tuning of a fresh visual encoder + linear head on each model's clean set."""
 
-    lr: float = 5e-4
+    # The spec's [default] is lr 5e-4 with crop scale 0.5-1; on the development tasks (never the
+    # benchmark's; benchmarks/RESULTS.md, "Choosing Phase II's learning rate") that underfit the
+    # clean sets and lr 5e-3 with crop scale 0.8-1 was better on all three, so these are ours.
+    lr: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: int = 10
     batch_size: int = 64
     augment: bool = True
-    crop_scale_min: float = 0.5
+    crop_scale_min: float = 0.8
     hflip: bool = True
     head_init: str = "text"  # "text": zero-shot class embeddings; "random"
     backbone: str | None = None  # a different backbone for Phase II (distillation); None: the Phase I one
