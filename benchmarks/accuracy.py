@@ -5,8 +5,9 @@
     python benchmarks/accuracy.py --methods coft coft+ --tasks shapes-noisy
 
 Methods (`--methods`, names or groups): label-free `zero-shot`, `zero-shot-ensemble`, `upl`, `fixmatch`,
-`coft`, `coft+`; with k labelled shots per class from the train split (`--shots`, default 1 2 4 8 16)
-`coop-k` and `linear-probe-k`. Groups: `label-free`, `few-shot`, `coop`, `linear-probe`, `all` (default).
+`fixmatch-da` (with ReMixMatch's distribution alignment), `coft`, `coft+`; with k labelled shots per
+class from the train split (`--shots`, default 1 2 4 8 16) `coop-k` and `linear-probe-k`.
+Groups: `label-free`, `few-shot`, `coop`, `linear-probe`, `all` (default).
 
 The main table gives test accuracy, mean ± std over seeds, per method and task, and wall time per
 run. Every method runs once per seed (the seed also draws the few-shot examples), except zero-shot,
@@ -38,7 +39,7 @@ from coft.proxy.tasks import TASKS, ProxyTask, load_task  # noqa: E402
 
 STAGE_COLUMNS = ["zero_shot", "phase1_model1", "phase1_model2", "phase2_model1", "phase2_model2", "final"]
 PRECISION_COLUMNS = ["zero_shot", "s_star", "clean_model1", "clean_model2"]
-LABEL_FREE = ["zero-shot", "zero-shot-ensemble", "upl", "fixmatch", "coft", "coft+"]
+LABEL_FREE = ["zero-shot", "zero-shot-ensemble", "upl", "fixmatch", "fixmatch-da", "coft", "coft+"]
 DETERMINISTIC = {"zero-shot", "zero-shot-ensemble"}
 QUICK_TASKS = ["digits-handwritten", "shapes-noisy"]
 # --quick shortens every schedule by the same factor, so that it still compares like with like.
@@ -99,11 +100,13 @@ def run_upl(s: Setting) -> dict:
     return {"accuracy": s.test_accuracy(classifier)}
 
 
-def run_fixmatch(s: Setting) -> dict:
-    config = baselines.FixMatchConfig(hflip=s.hflip)
-    config = replace(config, epochs=s.epochs(config.epochs))
-    classifier, info = baselines.fixmatch(s.backbone, s.task.class_names, s.task.train_images, config, seed=s.seed)
-    return {"accuracy": s.test_accuracy(classifier), **info}
+def run_fixmatch(distribution_alignment: bool) -> Callable[[Setting], dict]:
+    def run(s: Setting) -> dict:
+        config = baselines.FixMatchConfig(hflip=s.hflip, distribution_alignment=distribution_alignment)
+        config = replace(config, epochs=s.epochs(config.epochs))
+        classifier, info = baselines.fixmatch(s.backbone, s.task.class_names, s.task.train_images, config, seed=s.seed)
+        return {"accuracy": s.test_accuracy(classifier), **info}
+    return run
 
 
 def labelled_shots(s: Setting, shots: int) -> tuple[list, torch.Tensor]:
@@ -131,7 +134,7 @@ def run_linear_probe(shots: int) -> Callable[[Setting], dict]:
 
 def registry(shots: list[int]) -> dict[str, Callable[[Setting], dict]]:
     methods = {"zero-shot": run_zero_shot(False), "zero-shot-ensemble": run_zero_shot(True), "upl": run_upl,
-               "fixmatch": run_fixmatch, "coft": run_coft("coft"), "coft+": run_coft("coft+")}
+               "fixmatch": run_fixmatch(False), "fixmatch-da": run_fixmatch(True), "coft": run_coft("coft"), "coft+": run_coft("coft+")}
     methods.update({f"coop-{k}": run_coop(k) for k in shots})
     methods.update({f"linear-probe-{k}": run_linear_probe(k) for k in shots})
     return methods

@@ -83,6 +83,11 @@ class FixMatchConfig:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 10
     template: str = DEFAULT_TEMPLATE
+    # ReMixMatch's distribution alignment: weak-view probabilities times (uniform / running mean of the
+    # model's predictions), renormalised, before the argmax and threshold. Without labels to anchor it,
+    # plain self-training drifts onto a few classes; this keeps the targets' class marginal even.
+    distribution_alignment: bool = False
+    alignment_momentum: float = 0.99  # of the running mean of predictions
 
 
 @dataclass
@@ -234,6 +239,7 @@ def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Im
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.epochs * len(loader)))
     scaler = grad_scaler(backbone.device)
     passed = seen = 0
+    prediction_mean = torch.full((len(class_names),), 1.0 / len(class_names), device=backbone.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(config.epochs):
@@ -241,7 +247,11 @@ def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Im
                 weak, strong = weak.to(backbone.device), strong.to(backbone.device)
                 with backbone.autocast():
                     with torch.no_grad():
-                        confidence, target = model(weak).float().softmax(dim=1).max(dim=1)
+                        probabilities = model(weak).float().softmax(dim=1)
+                        if config.distribution_alignment:
+                            probabilities = align_distribution(probabilities, prediction_mean,
+                                                               config.alignment_momentum)
+                        confidence, target = probabilities.max(dim=1)
                     keep = confidence >= config.threshold
                     passed, seen = passed + int(keep.sum()), seen + len(keep)
                     if keep.any():
@@ -255,6 +265,14 @@ def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Im
     model.eval().requires_grad_(False)
     classifier = Classifier([model], class_names, backbone.model_cfg, backbone.preprocess_cfg)
     return classifier, {"mask_rate": passed / max(seen, 1)}
+
+
+def align_distribution(probabilities: torch.Tensor, prediction_mean: torch.Tensor, momentum: float) -> torch.Tensor:
+    """ReMixMatch's distribution alignment towards a uniform class marginal. Updates the running
+    `prediction_mean` in place with this batch, then returns p / mean, renormalised per row."""
+    prediction_mean.mul_(momentum).add_(probabilities.mean(dim=0), alpha=1 - momentum)
+    aligned = probabilities / prediction_mean
+    return aligned / aligned.sum(dim=1, keepdim=True)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coft.baselines import (CoOpConfig, FixMatchConfig, LinearProbeConfig, UPLConfig, coop, fixmatch, linear_probe,
-                            sample_shots, strong_transform, upl, zero_shot)
+from coft.baselines import (CoOpConfig, FixMatchConfig, LinearProbeConfig, UPLConfig, align_distribution, coop,
+                            fixmatch, linear_probe, sample_shots, strong_transform, upl, zero_shot)
 from coft.classifier import Classifier
 from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
 
@@ -67,6 +67,19 @@ def test_fixmatch_threshold_gates_the_update(tiny_backbone, tiny_images):
     assert any(not torch.equal(v, before[k]) for k, v in classifier.members[0].visual.state_dict().items())
     for name, value in tiny_backbone.model.visual.state_dict().items():  # a copy trained, not the backbone
         assert torch.equal(value, before[name])
+
+
+def test_distribution_alignment_evens_out_a_collapsing_marginal():
+    """Every row leans to class 0; once the running mean has seen that, the aligned targets do not."""
+    probabilities = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.55, 0.4, 0.05]])
+    mean = torch.full((3,), 1 / 3)
+    aligned = align_distribution(probabilities, mean, momentum=0.0)  # momentum 0: the mean is this batch
+    torch.testing.assert_close(mean, probabilities.mean(dim=0))
+    torch.testing.assert_close(aligned.sum(dim=1), torch.ones(3))
+    assert probabilities.argmax(dim=1).tolist() == [0, 0, 0]
+    assert aligned.argmax(dim=1).tolist() == [1, 2, 1]
+    expected = probabilities[0] / mean
+    torch.testing.assert_close(aligned[0], expected / expected.sum())
 
 
 def test_strong_view_is_random(tiny_backbone, tiny_images):
