@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -84,6 +85,14 @@ def write_tiny_model(directory: Path) -> Path:
     model = open_clip.model.CLIP(**config["model_cfg"])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
     return directory
+
+
+def api_answers(url: str) -> bool:
+    """Whether an API at `url` answers /livez right now."""
+    try:
+        return httpx.get(f"{url}/livez", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):

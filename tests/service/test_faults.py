@@ -22,7 +22,7 @@ from app.models import Job
 from app.settings import Settings
 from app.storage import LocalStorage
 from tests.service.conftest import REPO, WORKER_ENV, ServerThread, Stack
-from tests.service.helpers import free_port, image_zip, png, wait_for
+from tests.service.helpers import api_answers, free_port, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
 
 
@@ -145,7 +145,7 @@ def test_restarting_the_api_loses_nothing(sqlite_stack):
         process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app_factory", "--factory",
                                     "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=stack.env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _answers(f"http://127.0.0.1:{port}") or process.poll() is not None, 60, 0.2, "the API")
+        wait_for(lambda: api_answers(f"http://127.0.0.1:{port}") or process.poll() is not None, 60, 0.2, "the API")
         assert process.poll() is None
         return process
 
@@ -172,13 +172,6 @@ def test_restarting_the_api_loses_nothing(sqlite_stack):
         second.terminate()
         second.wait(30)
         api.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/livez", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_a_reader_never_sees_a_half_written_artifact(tmp_path):

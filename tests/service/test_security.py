@@ -15,7 +15,7 @@ import pytest
 
 from app.main import create_app
 from tests.service.conftest import REPO, ServerThread
-from tests.service.helpers import TINY_MODEL, free_port, image_zip, png, wait_for
+from tests.service.helpers import TINY_MODEL, api_answers, free_port, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
 
 PROBLEM = "application/problem+json"
@@ -103,7 +103,7 @@ def test_keys_are_never_logged_or_stored_in_clear(owned):
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(url), 60, 0.2, "the API process")
+        wait_for(lambda: api_answers(url), 60, 0.2, "the API process")
         for k in (key, wrong):
             headers = {"Authorization": f"Bearer {k}"}
             httpx.get(f"{url}/v1/datasets", headers=headers)
@@ -120,13 +120,6 @@ def test_keys_are_never_logged_or_stored_in_clear(owned):
         assert k not in output
         assert k not in stack.worker_log.read_text()
         assert k.encode() not in stored and k[12:].encode() not in stored  # at most a short prefix, for humans
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/livez", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_rate_limits_per_tenant_shared_across_api_processes(stack):
