@@ -207,6 +207,12 @@ def print_stage_tables(runs: list[dict], method: str, tasks: list[str]) -> None:
         print(f"| {task} | " + " | ".join(cells) + " |")
 
 
+def print_tables(runs: list[dict], methods: list[str], tasks: list[str], num_seeds: int) -> None:
+    print_main_table(runs, methods, tasks, num_seeds)
+    for method in ("coft", "coft+"):
+        print_stage_tables(runs, method, tasks)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="*", default=["all"])
@@ -222,7 +228,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--config", type=Path, help="JSON overrides of the CoFT/CoFT+ config")
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
+    parser.add_argument("--shard", default="0/1", help="I/N: run only every N-th (task, seed) pair, from the "
+                        "I-th; N processes with one torch thread each use the cores better than one with N")
+    parser.add_argument("--tables-from", nargs="*", type=Path,
+                        help="print the tables of runs saved with --json (e.g. by the shards), train nothing")
     args = parser.parse_args(argv)
+    if args.tables_from:
+        runs = [run for path in args.tables_from for run in json.loads(path.read_text())]
+        print_tables(runs, list(dict.fromkeys(r["method"] for r in runs)),
+                     [t for t in TASKS if any(r["task"] == t for r in runs)], 1 + max(r["seed"] for r in runs))
+        return
+    shard, shards = (int(part) for part in args.shard.split("/"))
     overrides = json.loads(args.config.read_text()) if args.config else {}
     epoch_factor = 1.0
     if args.quick:
@@ -242,19 +258,20 @@ def main(argv: list[str] | None = None) -> None:
     backbone = load_backbone(args.model, args.pretrained)
     runs = []
     started = time.perf_counter()
-    for name in args.tasks:
+    pairs = [(name, seed) for name in args.tasks for seed in range(args.seeds)][shard::shards]
+    for name in dict.fromkeys(name for name, _ in pairs):
         task = load_task(name, args.num_train, args.num_test)
         for method in methods:
-            for seed in range(1 if method in DETERMINISTIC else args.seeds):
+            for seed in [seed for task_name, seed in pairs if task_name == name]:
+                if method in DETERMINISTIC and seed != 0:
+                    continue
                 setting = Setting(task, backbone, seed, overrides, epoch_factor)
                 began = time.perf_counter()
                 run = available[method](setting)
                 run.update({"task": name, "method": method, "seed": seed, "seconds": time.perf_counter() - began})
                 runs.append(run)
                 print(f"{name} {method} seed {seed}: {100 * run['accuracy']:.1f} ({run['seconds']:.1f}s)", flush=True)
-    print_main_table(runs, methods, args.tasks, args.seeds)
-    for method in ("coft", "coft+"):
-        print_stage_tables(runs, method, args.tasks)
+    print_tables(runs, methods, args.tasks, args.seeds)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f}s, backbone {args.model}, "
           f"torch threads {torch.get_num_threads()}, device {backbone.device}, "
           f"{len(args.tasks)} task(s), {args.num_train or 'default'} train / {args.num_test or 'default'} test images")

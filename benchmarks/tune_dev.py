@@ -1,7 +1,7 @@
 """Choose the hyperparameters the spec leaves open on the DEVELOPMENT tasks, never on the benchmark's.
 
-    python benchmarks/tune_dev.py pipeline '{}' '{"pseudo_labels": {"top_k": 32}}'
-        one whole CoFT run per override set and dev task: zero-shot, Phase I and final accuracy.
+    python benchmarks/tune_dev.py pipeline '{}' '{"pseudo_labels": {"top_k": 32}}' [--method coft+]
+        one whole CoFT (or CoFT+) run per override set and dev task: the accuracy of every stage.
     python benchmarks/tune_dev.py phase2 '{"lr": 0.0005}' '{"lr": 0.005, "crop_scale_min": 0.8}'
         Phase II alone, on the clean sets of a default CoFT run (cached per task and seed), one
         line per override set: each Phase II model, their average, and the training CE (label-free).
@@ -42,26 +42,26 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _run(task, seed: int, overrides: dict, checkpoint_dir: Path | None = None):
+def _run(task, seed: int, overrides: dict, checkpoint_dir: Path | None = None, method: str = "coft"):
     config = CoFTConfig.from_dict(_merge(NO_FLIP, overrides) | {"seed": seed})
     evaluation = LabelledImages(task.test_images, torch.tensor(task.test_labels))
-    return adapt(task.train_images, task.class_names, method="coft", config=config, device="cpu",
+    return adapt(task.train_images, task.class_names, method=method, config=config, device="cpu",
                  checkpoint_dir=checkpoint_dir, evaluation=evaluation)
 
 
-def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict]) -> None:
+def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict], method: str = "coft") -> None:
     for name in tasks:
         task = load_task(name, 1000, 300)
         for overrides in override_sets:
             for seed in seeds:
                 started = time.perf_counter()
-                result = _run(task, seed, overrides)
+                result = _run(task, seed, overrides, method=method)
                 accuracy = {k: round(100 * v, 1) for k, v in result.metrics["accuracy"].items()}
                 truth = torch.tensor(task.train_labels)
                 precision = {}
                 for key, (indices, labels) in result.selections.items():
                     precision[key] = round(100 * float((labels == truth[indices]).float().mean()), 1)
-                print(f"{name} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision {precision}; "
+                print(f"{name} {method} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision {precision}; "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
 
 
@@ -104,9 +104,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="+", type=json.loads)
     parser.add_argument("--tasks", nargs="*", default=list(DEV_TASKS), choices=list(DEV_TASKS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--method", default="coft", choices=["coft", "coft+"], help="pipeline mode only")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    (pipeline if args.mode == "pipeline" else phase2)(args.tasks, args.seeds, args.overrides)
+    if args.mode == "pipeline":
+        pipeline(args.tasks, args.seeds, args.overrides, args.method)
+    else:
+        phase2(args.tasks, args.seeds, args.overrides)
 
 
 if __name__ == "__main__":
