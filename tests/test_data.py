@@ -21,6 +21,7 @@ from coft.data import (
     open_images,
     open_labelled_images,
 )
+from tests.archives import make_tar
 
 
 def encode(fmt: str, size=(16, 16), color=None, seed=0) -> bytes:
@@ -52,18 +53,6 @@ def make_zip(files: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes
     with zipfile.ZipFile(buf, "w", compression) as zf:
         for name, data in files.items():
             zf.writestr(name, data)
-    return buf.getvalue()
-
-
-def make_tar(files: dict[str, bytes], mode="w:gz", extra=()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for info in extra:
-            tf.addfile(info)
     return buf.getvalue()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.archives import make_tar
 from tests.service.conftest import ServerThread
 from tests.service.helpers import TINY_MODEL, image_zip, png
 
@@ -94,17 +95,13 @@ def a_zip(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> 
 
 
 def a_tar(members: dict[str, bytes], links: dict[str, tuple[bytes, str]] | None = None, mode: str = "w:gz") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-        for name, (kind, target) in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = kind, target
-            archive.addfile(info)
-    return buffer.getvalue()
+    """`links`: member name -> (tarfile.SYMTYPE or LNKTYPE, target)."""
+    extra = []
+    for name, (kind, target) in (links or {}).items():
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, target
+        extra.append(info)
+    return make_tar(members, mode, extra)
 
 
 GOOD = {"ok.png": png(1)}
