@@ -231,10 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard", default="0/1", help="I/N: run only every N-th (task, seed) pair, from the "
                         "I-th; N processes with one torch thread each use the cores better than one with N")
     parser.add_argument("--tables-from", nargs="*", type=Path,
-                        help="print the tables of runs saved with --json (e.g. by the shards), train nothing")
+                        help="print the tables of runs saved with --json (e.g. by the shards), train nothing; "
+                             "where files hold the same method, task and seed, the later file's run is used")
     args = parser.parse_args(argv)
     if args.tables_from:
-        runs = [run for path in args.tables_from for run in json.loads(path.read_text())]
+        latest = {(r["method"], r["task"], r["seed"]): r for path in args.tables_from for r in json.loads(path.read_text())}
+        runs = list(latest.values())
         print_tables(runs, list(dict.fromkeys(r["method"] for r in runs)),
                      [t for t in TASKS if any(r["task"] == t for r in runs)], 1 + max(r["seed"] for r in runs))
         return

@@ -3,6 +3,14 @@
     python benchmarks/diagnose.py phase1 shapes-outlined-cast '{"phase1": {"vpt_tokens": 0}}'
         zero-shot -> S* -> one Phase I model: S* precision, test accuracy of zero-shot and of the
         model's positive prompts, and its accuracy on all of U (what the filter starts from).
+    python benchmarks/diagnose.py phase1 digits-occluded '{}' random-true
+        the same Phase I model trained on a set as large as S* but chosen differently: `s-star-true`
+        (S* with its TRUE labels: no label noise), `random-true` (random images, true labels: no
+        noise and no selection bias), `random-zero-shot` (random images, zero-shot labels).
+    python benchmarks/diagnose.py rounds dev-shapes-occluded-wood grow 0
+        CoFT+'s iterative Phase I for one model, three rounds: each round's S* (size, precision) and
+        the model's test accuracy, with round r's S* the top-K (`constant`, the spec) or the top-r*K
+        (`grow`) per class of round r-1's model; the last argument offsets the seeds.
     python benchmarks/diagnose.py phase2-ceiling digits-unseen-fonts 0.0 '{"lr": 0.005}'
         Phase II alone on the TRUE train labels (a fraction replaced at random): what fine-tuning
         could reach with perfect (or uniformly noisy) pseudo-labels.
@@ -37,7 +45,10 @@ def _accuracy(predicted: torch.Tensor, truth: list[int]) -> float:
     return float((predicted == torch.tensor(truth)).float().mean())
 
 
-def phase1(task_name: str, overrides: dict) -> None:
+TRAINING_SETS = ("s-star", "s-star-true", "random-true", "random-zero-shot")
+
+
+def phase1(task_name: str, overrides: dict, training_set: str = "s-star") -> None:
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}} | overrides)
@@ -50,18 +61,48 @@ def phase1(task_name: str, overrides: dict) -> None:
 
     indices, labels = top_k_per_class(zero_shot_logits(task.train_images).softmax(dim=1), config.pseudo_labels.top_k)
     truth = torch.tensor(task.train_labels)
+    if training_set.startswith("random"):
+        zero_shot_labels = zero_shot_logits(task.train_images).argmax(dim=1)
+        indices = torch.randperm(len(truth), generator=torch.Generator().manual_seed(0))[:len(indices)]
+        labels = zero_shot_labels[indices]
+    if training_set.endswith("true"):
+        labels = truth[indices]
     started = time.perf_counter()
     torch.manual_seed(0)
     model, history = train_prompt_model(backbone, task.class_names, task.train_images, indices, labels,
                                         config.phase1, seed=10)
     test_pos, _ = score_images(model, backbone, task.test_images, 256)
     train_pos, _ = score_images(model, backbone, task.train_images, 256)
-    print(f"{task_name} {json.dumps(overrides)}: |S*| {len(indices)}, S* precision "
+    print(f"{task_name} {json.dumps(overrides)} trained on {training_set}: |S*| {len(indices)}, S* precision "
           f"{float((labels == truth[indices]).float().mean()):.3f}; test accuracy zero-shot "
           f"{_accuracy(zero_shot_logits(task.test_images).argmax(dim=1), task.test_labels):.3f}, Phase I "
           f"{_accuracy(test_pos.argmax(dim=1), task.test_labels):.3f}; Phase I on U "
           f"{_accuracy(train_pos.argmax(dim=1), task.train_labels):.3f}; final L1 {history[-1]['l1']:.3f} "
           f"({time.perf_counter() - started:.0f}s)")
+
+
+def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> None:
+    backbone = load_backbone("proxy", device="cpu")
+    task = load_task(task_name, 1000, 300)
+    config = CoFTConfig.from_dict({"phase1": {"hflip": False}})
+    k = config.pseudo_labels.top_k
+    text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
+    features = map_batches(lambda p: F.normalize(backbone.model.encode_image(p), dim=-1), task.train_images,
+                           backbone.eval_transform(), 256, backbone.device)
+    indices, labels = top_k_per_class((backbone.logit_scale * features @ text.T).softmax(dim=1), k)
+    truth, test_truth = torch.tensor(task.train_labels), torch.tensor(task.test_labels)
+    lines = []
+    for round_ in range(1, num_rounds + 1):
+        model, _ = train_prompt_model(backbone, task.class_names, task.train_images, indices, labels, config.phase1,
+                                      seed=10 + 100 * round_ + 1000 * seed)
+        test_pos, _ = score_images(model, backbone, task.test_images, 256)
+        train_pos, _ = score_images(model, backbone, task.train_images, 256)
+        lines.append(f"round {round_}: S* {len(indices)} at {100 * float((labels == truth[indices]).float().mean()):.1f}% "
+                     f"-> test {100 * _accuracy(test_pos.argmax(dim=1), task.test_labels):.1f}, "
+                     f"on U {100 * _accuracy(train_pos.argmax(dim=1), task.train_labels):.1f}")
+        next_k = k * (round_ + 1) if round_top_k == "grow" else k
+        indices, labels = top_k_per_class((train_pos * model.scale).softmax(dim=1), next_k)
+    print(f"{task_name} {round_top_k} seed {seed}: " + " | ".join(lines), flush=True)
 
 
 def phase2_ceiling(task_name: str, noise: float, overrides: dict) -> None:
@@ -86,7 +127,12 @@ def phase2_ceiling(task_name: str, noise: float, overrides: dict) -> None:
 if __name__ == "__main__":
     command, name, *rest = sys.argv[1:]
     if command == "phase1":
-        phase1(name, json.loads(rest[0]) if rest else {})
+        training_set = rest[1] if len(rest) > 1 else "s-star"
+        if training_set not in TRAINING_SETS:
+            raise SystemExit(f"training set must be one of {', '.join(TRAINING_SETS)}")
+        phase1(name, json.loads(rest[0]) if rest else {}, training_set)
+    elif command == "rounds":
+        rounds(name, rest[0] if rest else "constant", int(rest[1]) if len(rest) > 1 else 0)
     elif command == "phase2-ceiling":
         phase2_ceiling(name, float(rest[0]) if rest else 0.0, json.loads(rest[1]) if len(rest) > 1 else {})
     else:

@@ -156,15 +156,17 @@ class _Run:
             info["prompt_fallback_reason"] = resolved.fallback_reason
         return description_features(self.backbone, resolved, self.class_names), info
 
-    def _top_k_with_shots(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _top_k_with_shots(self, probabilities: torch.Tensor, round_: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """S*: top-K per class among the unlabeled images, plus every labelled shot with its true label."""
-        indices, labels = top_k_per_class(probabilities[:self.unlabeled], self.config.pseudo_labels.top_k)
+        k = self.config.pseudo_labels.top_k * (round_ if self.config.coft_plus.round_top_k == "grow" else 1)
+        indices, labels = top_k_per_class(probabilities[:self.unlabeled], k)
         shots = torch.arange(self.unlabeled, self.unlabeled + len(self.shot_labels))
         return torch.cat([indices, shots]), torch.cat([labels, self.shot_labels])
 
     def _phase1_rounds(self, which: int, zero_shot: dict) -> PromptModel:
         """CoFT: one Phase I model. CoFT+: R rounds; round r trains a FRESH model (the frozen CLIP,
-        new prompts) on the top-K per class of round r-1's model. Only data carries over."""
+        new prompts) on the top-K (or r*K, `coft_plus.round_top_k`) per class of round r-1's model.
+        Only data carries over."""
         model = self._phase1_model(which, zero_shot)
         self.round_models[which] = [model]
         rounds = self.config.coft_plus.rounds if self.method == "coft+" else 1
@@ -181,7 +183,7 @@ class _Run:
             s_pos, _ = score_images(previous, self.backbone, self.images, self.config.eval_batch_size,
                                     self.config.num_workers, lambda f, m: report(0.1 * f, m))
             # The spec's confidence: the softmax of the positive prompts.
-            indices, labels = self._top_k_with_shots((s_pos * previous.scale).softmax(dim=1))
+            indices, labels = self._top_k_with_shots((s_pos * previous.scale).softmax(dim=1), round_)
             model, history = train_prompt_model(
                 self.backbone, self.class_names, self.images, indices, labels, self.config.phase1, seed,
                 self.config.num_workers, lambda f, m: report(0.1 + 0.9 * f, m))
@@ -412,7 +414,10 @@ class _Run:
             for i in (1, 2):
                 costs[f"phase1-model{i}"] = 3.0 * self.config.phase1.epochs * s_star
                 for round_ in range(2, (self.config.coft_plus.rounds if plus else 1) + 1):
-                    costs[f"phase1-model{i}-round{round_}"] = n + 3.0 * self.config.phase1.epochs * s_star
+                    grown = round_ if self.config.coft_plus.round_top_k == "grow" else 1
+                    round_s_star = min(n, len(self.class_names) * self.config.pseudo_labels.top_k * grown)
+                    costs[f"phase1-model{i}-round{round_}"] = n + 3.0 * self.config.phase1.epochs * (
+                        round_s_star + len(self.shot_labels))
             costs["filter"] = 2.0 * n
             # the contrastive term adds a query pass with gradient and a key pass without, on all of U
             contrastive = 4.0 if plus and self.config.coft_plus.contrastive else 0.0
