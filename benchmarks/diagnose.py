@@ -41,6 +41,13 @@ from coft.proxy.tasks import load_task  # noqa: E402
 from coft.pseudo_labels import top_k_per_class  # noqa: E402
 
 
+def _zero_shot_logits(backbone, text: torch.Tensor, images) -> torch.Tensor:
+    """Zero-shot logits, as the pipeline ranks S*."""
+    features = map_batches(lambda p: F.normalize(backbone.model.encode_image(p), dim=-1), images,
+                           backbone.eval_transform(), 256, backbone.device)
+    return backbone.logit_scale * features @ text.T
+
+
 def _accuracy(predicted: torch.Tensor, truth: list[int]) -> float:
     return float((predicted == torch.tensor(truth)).float().mean())
 
@@ -55,9 +62,7 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star") -> Non
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
 
     def zero_shot_logits(images):
-        features = map_batches(lambda p: F.normalize(backbone.model.encode_image(p), dim=-1), images,
-                               backbone.eval_transform(), 256, backbone.device)
-        return backbone.logit_scale * features @ text.T  # as the pipeline ranks S*
+        return _zero_shot_logits(backbone, text, images)
 
     indices, labels = top_k_per_class(zero_shot_logits(task.train_images).softmax(dim=1), config.pseudo_labels.top_k)
     truth = torch.tensor(task.train_labels)
@@ -87,10 +92,8 @@ def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> 
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}})
     k = config.pseudo_labels.top_k
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
-    features = map_batches(lambda p: F.normalize(backbone.model.encode_image(p), dim=-1), task.train_images,
-                           backbone.eval_transform(), 256, backbone.device)
-    indices, labels = top_k_per_class((backbone.logit_scale * features @ text.T).softmax(dim=1), k)
-    truth, test_truth = torch.tensor(task.train_labels), torch.tensor(task.test_labels)
+    indices, labels = top_k_per_class(_zero_shot_logits(backbone, text, task.train_images).softmax(dim=1), k)
+    truth = torch.tensor(task.train_labels)
     lines = []
     for round_ in range(1, num_rounds + 1):
         model, _ = train_prompt_model(backbone, task.class_names, task.train_images, indices, labels, config.phase1,

@@ -156,10 +156,13 @@ class _Run:
             info["prompt_fallback_reason"] = resolved.fallback_reason
         return description_features(self.backbone, resolved, self.class_names), info
 
+    def _top_k(self, round_: int) -> int:
+        """Images per class in round r's S*: K, or r*K when CoFT+'s rounds grow it."""
+        return self.config.pseudo_labels.top_k * (round_ if self.config.coft_plus.round_top_k == "grow" else 1)
+
     def _top_k_with_shots(self, probabilities: torch.Tensor, round_: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """S*: top-K per class among the unlabeled images, plus every labelled shot with its true label."""
-        k = self.config.pseudo_labels.top_k * (round_ if self.config.coft_plus.round_top_k == "grow" else 1)
-        indices, labels = top_k_per_class(probabilities[:self.unlabeled], k)
+        indices, labels = top_k_per_class(probabilities[:self.unlabeled], self._top_k(round_))
         shots = torch.arange(self.unlabeled, self.unlabeled + len(self.shot_labels))
         return torch.cat([indices, shots]), torch.cat([labels, self.shot_labels])
 
@@ -414,8 +417,7 @@ class _Run:
             for i in (1, 2):
                 costs[f"phase1-model{i}"] = 3.0 * self.config.phase1.epochs * s_star
                 for round_ in range(2, (self.config.coft_plus.rounds if plus else 1) + 1):
-                    grown = round_ if self.config.coft_plus.round_top_k == "grow" else 1
-                    round_s_star = min(n, len(self.class_names) * self.config.pseudo_labels.top_k * grown)
+                    round_s_star = min(n, len(self.class_names) * self._top_k(round_))
                     costs[f"phase1-model{i}-round{round_}"] = n + 3.0 * self.config.phase1.epochs * (
                         round_s_star + len(self.shot_labels))
             costs["filter"] = 2.0 * n
