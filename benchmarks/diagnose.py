@@ -61,13 +61,11 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star") -> Non
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}} | overrides)
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
 
-    def zero_shot_logits(images):
-        return _zero_shot_logits(backbone, text, images)
-
-    indices, labels = top_k_per_class(zero_shot_logits(task.train_images).softmax(dim=1), config.pseudo_labels.top_k)
+    train_logits = _zero_shot_logits(backbone, text, task.train_images)
+    indices, labels = top_k_per_class(train_logits.softmax(dim=1), config.pseudo_labels.top_k)
     truth = torch.tensor(task.train_labels)
     if training_set.startswith("random"):
-        zero_shot_labels = zero_shot_logits(task.train_images).argmax(dim=1)
+        zero_shot_labels = train_logits.argmax(dim=1)
         indices = torch.randperm(len(truth), generator=torch.Generator().manual_seed(0))[:len(indices)]
         labels = zero_shot_labels[indices]
     if training_set.endswith("true"):
@@ -80,7 +78,7 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star") -> Non
     train_pos, _ = score_images(model, backbone, task.train_images, 256)
     print(f"{task_name} {json.dumps(overrides)} trained on {training_set}: |S*| {len(indices)}, S* precision "
           f"{float((labels == truth[indices]).float().mean()):.3f}; test accuracy zero-shot "
-          f"{_accuracy(zero_shot_logits(task.test_images).argmax(dim=1), task.test_labels):.3f}, Phase I "
+          f"{_accuracy(_zero_shot_logits(backbone, text, task.test_images).argmax(dim=1), task.test_labels):.3f}, Phase I "
           f"{_accuracy(test_pos.argmax(dim=1), task.test_labels):.3f}; Phase I on U "
           f"{_accuracy(train_pos.argmax(dim=1), task.train_labels):.3f}; final L1 {history[-1]['l1']:.3f} "
           f"({time.perf_counter() - started:.0f}s)")
