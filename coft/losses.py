@@ -26,6 +26,22 @@ def random_other_labels(labels: torch.Tensor, num_classes: int, generator: torch
     return (labels + offsets) % num_classes
 
 
+def confusable_other_labels(logits: torch.Tensor, labels: torch.Tensor,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """A class other than the label, drawn with the probability the classifier gives it.
+
+    The paper draws uniformly, so the negative prompt learns to reject labels that are plainly
+    wrong; real pseudo-label errors are confusions with a similar class, which this draw targets.
+    """
+    probabilities = logits.detach().float().softmax(dim=1).cpu()
+    probabilities[torch.arange(len(labels)), labels.cpu()] = 0.0
+    # A row whose mass sits entirely on its label (underflow) falls back to a uniform draw.
+    empty = probabilities.sum(dim=1) <= 0
+    probabilities[empty] = 1.0
+    probabilities[empty, labels.cpu()[empty]] = 0.0
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1).to(labels.device)
+
+
 def negative_loss(s_pos: torch.Tensor, s_neg: torch.Tensor, labels: torch.Tensor, others: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """L2 = -mean[log p_clean_y + log(1 - p_clean_yhat)].

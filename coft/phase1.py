@@ -18,7 +18,7 @@ from torch import nn
 from coft.backbone import Backbone, grad_scaler
 from coft.config import Phase1Config
 from coft.loader import map_batches, training_batches
-from coft.losses import negative_loss, positive_loss, random_other_labels
+from coft.losses import confusable_other_labels, negative_loss, positive_loss, random_other_labels
 from coft.progress import StageReport
 from coft.prompts import PromptLearner
 from coft.vpt import prompted_visual
@@ -60,15 +60,13 @@ def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: S
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
     scaler = grad_scaler(backbone.device)
     generator = torch.Generator().manual_seed(seed + 7919)
-    num_classes = len(class_names)
     history, step = [], 0
     for epoch in range(config.epochs):
         sums = {"l1": 0.0, "l2": 0.0, "n": 0}
         for pixels, batch_labels, _ in loader:
             pixels, batch_labels = pixels.to(backbone.device), batch_labels.to(backbone.device)
-            others = random_other_labels(batch_labels, num_classes, generator)
             with backbone.autocast():
-                l1, l2 = _losses(model, pixels, batch_labels, others, config)
+                l1, l2 = _losses(model, pixels, batch_labels, config, generator)
                 loss = l1 + config.negative_weight * l2
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -96,11 +94,18 @@ def cosines(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return image.float() @ text.float().T
 
 
-def _losses(model: PromptModel, pixels, labels, others, config: Phase1Config):
+def _losses(model: PromptModel, pixels, labels, config: Phase1Config, generator: torch.Generator | None = None,
+            others: torch.Tensor | None = None):
+    """(L1, L2) on a batch; L2's other class yhat is `others`, or drawn as config.negative_classes says."""
     image = model.image_features(pixels).float()
     text_pos = model.prompts("positive").float()
     text_neg = model.prompts("negative").float()
-    l1 = positive_loss(cosines(image, text_pos), labels, model.scale)
+    s_pos = cosines(image, text_pos)
+    l1 = positive_loss(s_pos, labels, model.scale)
+    if others is None:
+        others = (confusable_other_labels(s_pos * model.scale, labels, generator)
+                  if config.negative_classes == "confusable"
+                  else random_other_labels(labels, text_pos.shape[0], generator))
     # L2 regularises the visual prompts through the image features (kept attached by default), but
     # must not drag the positive prompts, which L1 owns: hence the detached positive text.
     image_l2 = image.detach() if config.detach_image_in_l2 else image

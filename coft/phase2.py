@@ -30,7 +30,10 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: Sequence[Image
     (CoFT+'s contrastive term, coft.contrastive.MomentumContrast) gets the model and the indices of
     EVERY sample of the batch, clean or rejected, and its value is added to the CE.
     """
-    model.to(backbone.device).train().requires_grad_(True)
+    model.to(backbone.device)
+    start = ({name: value.detach().clone() for name, value in model.state_dict().items()}
+             if config.weight_interpolation < 1.0 else None)
+    model.train().requires_grad_(True)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     transform = (backbone.train_transform(config.crop_scale_min, config.hflip) if config.augment
@@ -73,4 +76,19 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: Sequence[Image
         if extra_loss is not None:
             history[-1]["extra"] = extra_total / extra_steps if extra_steps else None
     model.eval().requires_grad_(False)
+    if start is not None:
+        interpolate_weights(model, start, config.weight_interpolation)
     return history
+
+
+def interpolate_weights(model: torch.nn.Module, start: dict[str, torch.Tensor], fraction: float) -> None:
+    """Set every floating-point weight to fraction * trained + (1 - fraction) * start, in place.
+
+    With `start` the pre-trained tower and zero-shot head, this is WiSE-FT: the interpolated model
+    keeps what fine-tuning learned from the (noisy) clean set while staying near the features that
+    pre-training made robust.
+    """
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.lerp_(start[name].to(value.device, value.dtype), 1.0 - fraction)

@@ -7,6 +7,7 @@ what it trains, what it leaves alone, and that a run is reproducible and resumab
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from coft.classifier import ARTIFACT_FORMAT, METADATA_FILE, Classifier, ImageClassifier, Predictions, text_head
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
-from coft.losses import clean_probability, negative_loss, positive_loss, random_other_labels
+from coft.losses import clean_probability, confusable_other_labels, negative_loss, positive_loss, random_other_labels
 from coft.phase1 import PromptModel, _losses, train_prompt_model
 from coft.phase2 import fine_tune
 from coft.pipeline import LabelledImages, adapt
@@ -119,6 +120,22 @@ def test_random_other_labels_never_the_label_and_covers_every_other_class():
     assert torch.equal(random_other_labels(torch.tensor([0, 1, 1]), 2), torch.tensor([1, 0, 0]))
 
 
+def test_confusable_other_labels_follow_the_classifier_and_never_the_label():
+    # row 0: class 2 takes almost all the mass left after the label; row 1: all mass on the label
+    logits = torch.tensor([[5.0, 0.0, 4.0, -3.0], [0.0, 200.0, 0.0, 0.0]]).repeat(500, 1)
+    labels = torch.tensor([0, 1]).repeat(500)
+    others = confusable_other_labels(logits, labels, torch.Generator().manual_seed(0))
+    assert (others != labels).all()
+    first, second = others[0::2], others[1::2]
+    # softmax over {1, 2, 3} with logits {0, 4, -3}: class 2 has p = 0.981
+    assert 0.96 < (first == 2).float().mean() < 0.995
+    assert set(first.tolist()) <= {1, 2, 3}
+    # the label holds all the mass after float32 softmax: uniform over the others
+    assert set(second.tolist()) == {0, 2, 3}
+    with pytest.raises(ValueError, match="negative_classes"):
+        CoFTConfig.from_dict({"phase1": {"negative_classes": "hardest"}})
+
+
 def test_phase1_l2_gradient_flow_follows_the_flags(tiny_backbone, tiny_images):
     """L2 reaches the negative prompt and the VPT tokens, not the positive prompt (detached by default)."""
     pixels = pixels_of(tiny_backbone, tiny_images[:4])
@@ -126,7 +143,7 @@ def test_phase1_l2_gradient_flow_follows_the_flags(tiny_backbone, tiny_images):
 
     def l2_grads(config):
         model = PromptModel(tiny_backbone, CLASSES, config, seed=5)
-        _, l2 = _losses(model, pixels, labels, others, config)
+        _, l2 = _losses(model, pixels, labels, config, others=others)
         l2.backward()
         return {name: p.grad for name, p in model.named_parameters()}
 
@@ -370,6 +387,30 @@ def test_phase2_rejected_samples_do_not_contribute(tiny_backbone, tiny_images):
         results.append(model.state_dict())
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
+
+
+def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_backbone, tiny_images):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    clean = torch.ones(8, dtype=torch.bool)
+    trained = {}
+    for fraction in (1.0, 0.25, 0.0):
+        model = _phase2_model(tiny_backbone)
+        start = clip_parameters(model)
+        torch.manual_seed(0)
+        fine_tune(model, tiny_backbone, tiny_images, labels, clean,
+                  dataclasses.replace(PHASE2, weight_interpolation=fraction), seed=3)
+        trained[fraction] = clip_parameters(model)
+    moved = 0
+    for name, value in start.items():
+        fine_tuned = trained[1.0][name]
+        # fraction 0 is the starting model itself: the zero-shot head on the pre-trained tower
+        assert torch.allclose(trained[0.0][name], value, atol=1e-6), name
+        assert torch.allclose(trained[0.25][name], 0.25 * fine_tuned + 0.75 * value, atol=1e-5), name
+        moved += not torch.equal(fine_tuned, value)
+    assert moved == len(start)  # the full run did change every weight, so the checks above can fail
+
+    with pytest.raises(ValueError, match="weight_interpolation"):
+        CoFTConfig.from_dict({"phase2": {"weight_interpolation": 1.5}})
 
 
 # --------------------------------------------------------------------------- classifier artifact
