@@ -3,7 +3,7 @@
     python benchmarks/diagnose.py phase1 shapes-outlined-cast '{"phase1": {"vpt_tokens": 0}}'
         zero-shot -> S* -> one Phase I model: S* precision, test accuracy of zero-shot and of the
         model's positive prompts, and its accuracy on all of U (what the filter starts from).
-    python benchmarks/diagnose.py phase1 digits-occluded '{}' random-true
+    python benchmarks/diagnose.py phase1 digits-occluded '{}' random-true [SEED]
         the same Phase I model trained on a set as large as S* but chosen differently: `s-star-true`
         (S* with its TRUE labels: no label noise), `random-true` (random images, true labels: no
         noise and no selection bias), `random-zero-shot` (random images, zero-shot labels).
@@ -55,7 +55,7 @@ def _accuracy(predicted: torch.Tensor, truth: list[int]) -> float:
 TRAINING_SETS = ("s-star", "s-star-true", "random-true", "random-zero-shot")
 
 
-def phase1(task_name: str, overrides: dict, training_set: str = "s-star") -> None:
+def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: int = 0) -> None:
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}} | overrides)
@@ -71,12 +71,12 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star") -> Non
     if training_set.endswith("true"):
         labels = truth[indices]
     started = time.perf_counter()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, history = train_prompt_model(backbone, task.class_names, task.train_images, indices, labels,
-                                        config.phase1, seed=10)
+                                        config.phase1, seed=10 + 1000 * seed)
     test_pos, _ = score_images(model, backbone, task.test_images, 256)
     train_pos, _ = score_images(model, backbone, task.train_images, 256)
-    print(f"{task_name} {json.dumps(overrides)} trained on {training_set}: |S*| {len(indices)}, S* precision "
+    print(f"{task_name} {json.dumps(overrides)} trained on {training_set} seed {seed}: |S*| {len(indices)}, S* precision "
           f"{float((labels == truth[indices]).float().mean()):.3f}; test accuracy zero-shot "
           f"{_accuracy(_zero_shot_logits(backbone, text, task.test_images).argmax(dim=1), task.test_labels):.3f}, Phase I "
           f"{_accuracy(test_pos.argmax(dim=1), task.test_labels):.3f}; Phase I on U "
@@ -131,7 +131,7 @@ if __name__ == "__main__":
         training_set = rest[1] if len(rest) > 1 else "s-star"
         if training_set not in TRAINING_SETS:
             raise SystemExit(f"training set must be one of {', '.join(TRAINING_SETS)}")
-        phase1(name, json.loads(rest[0]) if rest else {}, training_set)
+        phase1(name, json.loads(rest[0]) if rest else {}, training_set, int(rest[2]) if len(rest) > 2 else 0)
     elif command == "rounds":
         rounds(name, rest[0] if rest else "constant", int(rest[1]) if len(rest) > 1 else 0)
     elif command == "phase2-ceiling":

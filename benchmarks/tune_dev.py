@@ -5,6 +5,12 @@
     python benchmarks/tune_dev.py phase2 '{"lr": 0.0005}' '{"lr": 0.005, "crop_scale_min": 0.8}'
         Phase II alone, on the clean sets of a default CoFT run (cached per task and seed), one
         line per override set: each Phase II model, their average, and the training CE (label-free).
+        `--interpolations 0.5 1.0` also scores each trained pair at those WiSE-FT fractions;
+        `--true-labels` trains on the clean images' true labels instead (what a perfect filter gives).
+    python benchmarks/tune_dev.py filter
+        the filter of that cached run: precision of the kept and rejected labels, and how well the
+        other model's p_clean ranks right labels above wrong ones (AUROC) next to the labelling
+        model's own confidence.
 
 Tasks: coft.proxy.tasks.DEV_TASKS, 1,000 train and 300 test images; `--seeds` (default 0).
 Labels are used only to measure. Every run starts from `{"phase1": {"hflip": false},
@@ -27,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coft.backbone import load_backbone  # noqa: E402
 from coft.classifier import Classifier, ImageClassifier, text_head  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
-from coft.phase2 import fine_tune  # noqa: E402
+from coft.phase2 import fine_tune, interpolate_weights  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
 from coft.proxy.tasks import DEV_TASKS, load_task  # noqa: E402
 
@@ -60,57 +66,110 @@ def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict], meth
                 truth = torch.tensor(task.train_labels)
                 precision = {}
                 for key, (indices, labels) in result.selections.items():
-                    precision[key] = round(100 * float((labels == truth[indices]).float().mean()), 1)
-                print(f"{name} {method} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision {precision}; "
+                    precision[key] = f"{100 * float((labels == truth[indices]).float().mean()):.1f} ({len(indices)})"
+                print(f"{name} {method} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision (images) {precision}; "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
 
 
-def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict]) -> None:
+def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
+           interpolations: list[float] | None = None, true_labels: bool = False) -> None:
     backbone = load_backbone("proxy", device="cpu")
     for name in tasks:
         task = load_task(name, 1000, 300)
         for seed in seeds:
-            directory = CACHE / f"{name}-seed{seed}"
-            if not (directory / "filter.pt").exists():
-                _run(task, seed, {}, checkpoint_dir=directory)
-            filtered = torch.load(directory / "filter.pt", weights_only=True)
-            text = torch.load(directory / "zero-shot.pt", weights_only=True)["text_features"]
+            filtered = _cached_filter(task, name, seed)
+            text = torch.load(CACHE / f"{name}-seed{seed}" / "zero-shot.pt", weights_only=True)["text_features"]
             for overrides in override_sets:
                 config = CoFTConfig.from_dict(_merge(NO_FLIP, {"phase2": overrides}))
                 started = time.perf_counter()
-                members, final_ce = [], []
+                members, starts, final_ce = [], [], []
                 for which in (0, 1):
                     model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
+                    starts.append(copy.deepcopy(model.state_dict()))
                     torch.manual_seed(seed * 1000 + which)
-                    history = fine_tune(model, backbone, task.train_images, filtered["labels"][which],
+                    # --true-labels: the same clean images, each with its true class (a perfect filter's
+                    # labels at this coverage); labels are otherwise used only to measure.
+                    labels = torch.tensor(task.train_labels) if true_labels else filtered["labels"][which]
+                    history = fine_tune(model, backbone, task.train_images, labels,
                                         filtered["clean"][which], config.phase2, seed * 1000 + which)
                     members.append(model)
                     final_ce.append(round(history[-1]["ce"], 3))
+                elapsed = time.perf_counter() - started
                 truth = torch.tensor(task.test_labels)
-                accuracy = []
-                for i in (0, 1):
-                    single = Classifier([members[i]], task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
-                    accuracy.append(float((single.predict(task.test_images).indices == truth).float().mean()))
-                both = Classifier(members, task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
-                accuracy.append(float((both.predict(task.test_images).indices == truth).float().mean()))
-                print(f"{name} seed {seed} phase2 {json.dumps(overrides)}: test model1/model2/final "
-                      f"{' / '.join(f'{100 * a:.1f}' for a in accuracy)}; train CE {final_ce}; "
-                      f"{time.perf_counter() - started:.0f}s", flush=True)
+                # One training, several WiSE-FT fractions: interpolating needs no retraining.
+                for fraction in interpolations or [None]:
+                    evaluated = members
+                    if fraction is not None:
+                        evaluated = [copy.deepcopy(m) for m in members]
+                        for member, start in zip(evaluated, starts):
+                            interpolate_weights(member, start, fraction)
+                    accuracy = []
+                    for i in (0, 1):
+                        single = Classifier([evaluated[i]], task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
+                        accuracy.append(float((single.predict(task.test_images).indices == truth).float().mean()))
+                    both = Classifier(evaluated, task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
+                    accuracy.append(float((both.predict(task.test_images).indices == truth).float().mean()))
+                    label = (json.dumps(overrides) + (" on true labels" if true_labels else "")
+                             + ("" if fraction is None else f" interpolated {fraction}"))
+                    print(f"{name} seed {seed} phase2 {label}: test model1/model2/final "
+                          f"{' / '.join(f'{100 * a:.1f}' for a in accuracy)}; train CE {final_ce}; "
+                          f"{elapsed:.0f}s", flush=True)
+
+
+def _cached_filter(task, name: str, seed: int) -> dict:
+    """The filter of a default CoFT run on a dev task (run once, then cached)."""
+    directory = CACHE / f"{name}-seed{seed}"
+    if not (directory / "filter.pt").exists():
+        _run(task, seed, {}, checkpoint_dir=directory)
+    return torch.load(directory / "filter.pt", weights_only=True)
+
+
+def _auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative): 0.5 is no signal."""
+    return float((scores[positive][:, None] > scores[~positive][None, :]).float().mean())
+
+
+def filter_quality(tasks: list[str], seeds: list[int]) -> None:
+    """How well each model's clean set separates right labels from wrong ones (labels only to measure)."""
+    for name in tasks:
+        task = load_task(name, 1000, 300)
+        truth = torch.tensor(task.train_labels)
+        for seed in seeds:
+            filtered = _cached_filter(task, name, seed)
+            agree = filtered["labels"][0] == filtered["labels"][1]
+            for which in (0, 1):
+                labels, clean = filtered["labels"][which], filtered["clean"][which].bool()
+                right = labels == truth
+                confidence = filtered["phase1_predictions"][which].max(dim=1).values
+                print(f"{name} seed {seed} model {which + 1}: labels on U {100 * right.float().mean():.1f}% right; "
+                      f"kept {int(clean.sum())} at {100 * right[clean].float().mean():.1f}%, rejected "
+                      f"{int((~clean).sum())} at {100 * right[~clean].float().mean():.1f}%; AUROC of the other "
+                      f"model's p_clean {_auroc(filtered['p_clean'][which], right):.3f}, of the labelling model's "
+                      f"own confidence {_auroc(confidence, right):.3f}; the two models agree on {int(agree.sum())} "
+                      f"at {100 * right[agree].float().mean():.1f}%", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["pipeline", "phase2"])
-    parser.add_argument("overrides", nargs="+", type=json.loads)
+    parser.add_argument("mode", choices=["pipeline", "phase2", "filter"])
+    parser.add_argument("overrides", nargs="*", type=json.loads)
     parser.add_argument("--tasks", nargs="*", default=list(DEV_TASKS), choices=list(DEV_TASKS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--method", default="coft", choices=["coft", "coft+"], help="pipeline mode only")
+    parser.add_argument("--interpolations", nargs="*", type=float, default=None,
+                        help="phase2 mode only: also evaluate each trained pair at these WiSE-FT fractions")
+    parser.add_argument("--true-labels", action="store_true",
+                        help="phase2 mode only: train on the clean images' TRUE labels (a perfect filter's)")
     args = parser.parse_args()
+    if args.mode != "filter" and not args.overrides:
+        parser.error(f"{args.mode} needs at least one override set, e.g. '{{}}'")
     torch.set_num_threads(2)
-    if args.mode == "pipeline":
+    if args.mode == "filter":
+        filter_quality(args.tasks, args.seeds)
+    elif args.mode == "pipeline":
         pipeline(args.tasks, args.seeds, args.overrides, args.method)
     else:
-        phase2(args.tasks, args.seeds, args.overrides)
+        phase2(args.tasks, args.seeds, args.overrides, args.interpolations, args.true_labels)
 
 
 if __name__ == "__main__":
