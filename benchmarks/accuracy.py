@@ -35,7 +35,7 @@ from coft import baselines  # noqa: E402
 from coft.backbone import Backbone, load_backbone  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
-from coft.proxy.tasks import TASKS, ProxyTask, load_task  # noqa: E402
+from coft.proxy.tasks import DEV_TASKS, TASKS, ProxyTask, load_task  # noqa: E402
 
 STAGE_COLUMNS = ["zero_shot", "phase1_model1", "phase1_model2", "phase2_model1", "phase2_model2", "final"]
 PRECISION_COLUMNS = ["zero_shot", "s_star", "clean_model1", "clean_model2"]
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="*", default=["all"])
     parser.add_argument("--shots", nargs="*", type=int, default=[1, 2, 4, 8, 16], choices=sorted(baselines.COOP_EPOCHS))
-    parser.add_argument("--tasks", nargs="*", default=None, choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="*", default=None, choices=[*TASKS, *DEV_TASKS],
+                        help="default: every benchmark task; the development tasks only when named")
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--num-train", type=int, default=None, help="unlabeled images per task (default: task's)")
     parser.add_argument("--num-test", type=int, default=None)
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         latest = {(r["method"], r["task"], r["seed"]): r for path in args.tables_from for r in json.loads(path.read_text())}
         runs = list(latest.values())
         print_tables(runs, list(dict.fromkeys(r["method"] for r in runs)),
-                     [t for t in TASKS if any(r["task"] == t for r in runs)], 1 + max(r["seed"] for r in runs))
+                     [t for t in [*TASKS, *DEV_TASKS] if any(r["task"] == t for r in runs)], 1 + max(r["seed"] for r in runs))
         return
     shard, shards = (int(part) for part in args.shard.split("/"))
     overrides = json.loads(args.config.read_text()) if args.config else {}
