@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -163,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode != "filter" and not args.overrides:
         parser.error(f"{args.mode} needs at least one override set, e.g. '{{}}'")
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 each for runs side by side
     if args.mode == "filter":
         filter_quality(args.tasks, args.seeds)
     elif args.mode == "pipeline":
