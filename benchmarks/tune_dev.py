@@ -86,7 +86,8 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
                 members, starts, final_ce = [], [], []
                 for which in (0, 1):
                     model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
-                    starts.append(copy.deepcopy(model.state_dict()))
+                    if interpolations:  # the starting weights, only when something interpolates toward them
+                        starts.append(copy.deepcopy(model.state_dict()))
                     torch.manual_seed(seed * 1000 + which)
                     # --true-labels: the same clean images, each with its true class (a perfect filter's
                     # labels at this coverage); labels are otherwise used only to measure.
