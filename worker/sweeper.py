@@ -3,6 +3,12 @@ message was lost, and announces the worker.
 
 Every worker sweeps; that is safe because each re-queue is a conditional UPDATE that only one
 sweeper can win, and it saves running a separate scheduler (celery beat) process.
+
+The sweeper is a thread of the process that forks every job's process. A fork copies the memory of
+all threads but runs only the forking one: a child forked while the sweeper was inside SQLite (or
+any library holding a process-wide mutex) inherits that mutex held by a thread that no longer
+exists, and hangs on its first connect, with the worker's only slot. So a tick holds `fork_guard`,
+and every fork in this process waits for it (os.register_at_fork).
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from app.settings import Settings
 from app.workers import KEY_PREFIX, announce, redis_client
 
 log = logging.getLogger("worker.sweeper")
+
+fork_guard = threading.Lock()
+os.register_at_fork(before=fork_guard.acquire, after_in_parent=fork_guard.release,
+                    after_in_child=fork_guard.release)
 
 
 class Sweeper(threading.Thread):
@@ -44,6 +54,10 @@ class Sweeper(threading.Thread):
             pass
 
     def tick(self) -> None:
+        with fork_guard:
+            self._sweep()
+
+    def _sweep(self) -> None:
         try:
             import torch  # already imported by worker.tasks; asking does not initialise CUDA
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -192,6 +193,49 @@ def test_restarting_the_api_loses_nothing(sqlite_stack):
         second.terminate()
         second.wait(30)
         api.close()
+
+
+def test_the_worker_never_forks_in_the_middle_of_a_sweep(tmp_path, models_dir, redis_server):
+    """The worker forks each job's process while its sweeper thread may be inside SQLite or Redis.
+    A child forked then inherits a library mutex held by a thread it does not have, and hangs on its
+    first connect with the worker's only slot (it hung CI). So a fork must wait for the sweep.
+    Here a sweep is held inside SQLite by a write lock the test owns; a fork must return only after
+    the test lets the sweep finish."""
+    from app.auth import get_or_create_tenant
+    from app.cli import run_migrations
+    from app.queue import make_celery
+    from worker.sweeper import Sweeper, fork_guard
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, models_dir=models_dir, redis_url=f"{redis_server}/3",
+                        device="cpu", sweep_interval_s=3600, queued_resend_s=0)
+    run_migrations(settings.database_url)
+    with session_scope(settings.database_url) as session:  # a job the sweep will want to re-send
+        job = Job(tenant_id=get_or_create_tenant(session, "fork").id, dataset_id=None, class_names=["a", "b"],
+                  method="coft", backbone_model="tiny", config={})
+        session.add(job)
+        session.flush()
+        job_id, queued_at = job.id, job.updated_at
+    writer = sqlite3.connect(tmp_path / "coft.db", check_same_thread=False, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the sweep's UPDATE now waits for this lock
+    sweeper = Sweeper(settings, make_celery(settings), f"fork-test-{os.getpid()}@host")
+    sweeper.start()
+    try:
+        wait_for(fork_guard.locked, 10, 0.01, "the sweep to start")
+        release = threading.Timer(1.0, writer.execute, ["COMMIT"])
+        release.start()
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        waited = time.monotonic() - started
+        assert os.waitpid(pid, 0)[1] == 0
+        release.join()
+    finally:
+        sweeper.stop()
+        writer.close()
+    assert waited >= 0.9, f"the fork went ahead after {waited:.2f} s, in the middle of the sweep"
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, job_id).updated_at > queued_at  # the sweep did finish, after the fork
 
 
 def test_a_reader_never_sees_a_half_written_artifact(tmp_path):
