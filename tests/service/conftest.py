@@ -264,3 +264,16 @@ def api(stack) -> httpx.Client:
 def worker_stack(stack) -> Stack:
     stack.start_worker()
     return stack
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed service test shows the tail of its worker's log: a job that never ends says why there."""
+    report = yield
+    if report.failed and call.when == "call":
+        stacks_used = {id(value): value for value in item.funcargs.values() if isinstance(value, Stack)}
+        for stack in stacks_used.values():
+            if stack.worker_log is not None and stack.worker_log.exists():
+                report.sections.append((f"worker log ({stack.backend}), last 4000 characters",
+                                        stack.worker_log.read_text(errors="replace")[-4000:]))
+    return report
