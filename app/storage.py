@@ -9,9 +9,12 @@ written locally and uploaded when the block ends (`work_dir`).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -98,14 +101,19 @@ class LocalStorage:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Readers see the old directory or the new one, never a half-written or half-deleted one:
-        # the copy is made under a hidden name, and the swap is two renames (each atomic).
+        # the copy is made under a hidden name, then swapped in. On Linux the swap is one atomic
+        # exchange, so the key never disappears; elsewhere it is two renames, with a moment between
+        # them where the key is missing (a reader then gets "not found", never a partial artifact).
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         retired = path.parent / f"{staging.name}.old"
         try:
             shutil.copytree(source, staging, dirs_exist_ok=True)
-            if path.exists():
-                path.rename(retired)
-            staging.rename(path)
+            if path.exists() and _exchange(staging, path):
+                pass  # staging now holds the old version, removed below
+            else:
+                if path.exists():
+                    path.rename(retired)
+                staging.rename(path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(retired, ignore_errors=True)
@@ -120,6 +128,26 @@ class LocalStorage:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the OS or filesystem cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))
+
+
+# renameat2(2) with RENAME_EXCHANGE (Linux 3.15+, glibc 2.28+): os has no wrapper for it.
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _renameat2.restype = ctypes.c_int
 
 
 def get_storage(data_dir: Path) -> Storage:

@@ -240,7 +240,8 @@ def test_the_worker_never_forks_in_the_middle_of_a_sweep(tmp_path, models_dir, r
 
 def test_a_reader_never_sees_a_half_written_artifact(tmp_path):
     """put_dir (how the worker stores a classifier) against a reader polling the same directory:
-    a visible artifact is always complete. A megabyte file makes each write take a while."""
+    a visible artifact is always complete, and a replaced one never vanishes on the way (on Linux
+    the swap is one atomic exchange). A megabyte file makes each write take a while."""
     storage = LocalStorage(tmp_path / "store")
     source = tmp_path / "artifact"
     source.mkdir()
@@ -249,22 +250,23 @@ def test_a_reader_never_sees_a_half_written_artifact(tmp_path):
     (source / "classifier.json").write_text('{"complete": true}')
     root = tmp_path / "store" / "classifiers"
     root.mkdir(parents=True)
-    writing, seen, torn = True, 0, []
+    writing, seen, torn, vanished, known = True, 0, [], [], set()
 
     def read() -> None:
         nonlocal seen
         while writing:
-            for entry in root.iterdir():
-                if entry.name.startswith("."):  # staging: not a key anyone can ask for
-                    continue
+            names = {entry.name for entry in root.iterdir() if not entry.name.startswith(".")}  # "." = staging
+            vanished.extend(known - names)
+            known.update(names)
+            for name in names:
                 try:
-                    complete = ((entry / "classifier.json").read_text() == '{"complete": true}'
-                                and (entry / "model.safetensors").read_bytes() == weights)
-                except FileNotFoundError:
-                    complete = not entry.exists()  # deleted meanwhile: fine; there but partial: not
+                    complete = ((root / name / "classifier.json").read_text() == '{"complete": true}'
+                                and (root / name / "model.safetensors").read_bytes() == weights)
+                except FileNotFoundError:  # nothing is ever deleted here: a missing file is a torn artifact
+                    complete = False
                 seen += 1
                 if not complete:
-                    torn.append(entry.name)
+                    torn.append(name)
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -275,5 +277,5 @@ def test_a_reader_never_sees_a_half_written_artifact(tmp_path):
     finally:
         writing = False
         reader.join()
-    assert seen > 0 and torn == []
+    assert seen > 0 and torn == [] and vanished == []
     assert sorted(p.name for p in root.iterdir()) == sorted(f"clf_{i}" for i in range(30))
