@@ -131,13 +131,14 @@ class LocalStorage:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step; False where the OS or filesystem cannot."""
+    """Swap two existing paths in one atomic step; False where the OS or filesystem cannot, or
+    where `b` is gone by now (deleted meanwhile: the caller then renames `a` into place)."""
     if _renameat2 is None:
         return False
     if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     error = ctypes.get_errno()
-    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):
         return False
     raise OSError(error, os.strerror(error), str(a), None, str(b))
 

@@ -238,6 +238,20 @@ def test_the_worker_never_forks_in_the_middle_of_a_sweep(tmp_path, models_dir, r
         assert session.get(Job, job_id).updated_at > queued_at  # the sweep did finish, after the fork
 
 
+def test_replacing_a_stored_directory_keeps_only_the_new_files(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "sub").mkdir(parents=True)
+    (first / "stale.bin").write_bytes(b"old")
+    (first / "sub" / "weights.bin").write_bytes(b"old weights")
+    second.mkdir()
+    (second / "classifier.json").write_text("{}")
+    storage.put_dir("classifiers/clf_x", first)
+    assert storage.put_dir("classifiers/clf_x", second) == 2
+    stored = tmp_path / "store" / "classifiers"
+    assert sorted(p.relative_to(stored).as_posix() for p in stored.rglob("*")) == ["clf_x", "clf_x/classifier.json"]
+
+
 def test_a_reader_never_sees_a_half_written_artifact(tmp_path):
     """put_dir (how the worker stores a classifier) against a reader polling the same directory:
     a visible artifact is always complete, and a replaced one never vanishes on the way (on Linux
