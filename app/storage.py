@@ -108,9 +108,8 @@ class LocalStorage:
         retired = path.parent / f"{staging.name}.old"
         try:
             shutil.copytree(source, staging, dirs_exist_ok=True)
-            if path.exists() and _exchange(staging, path):
-                pass  # staging now holds the old version, removed below
-            else:
+            exchanged = path.exists() and _exchange(staging, path)  # staging then holds the old version
+            if not exchanged:
                 if path.exists():
                     path.rename(retired)
                 staging.rename(path)
