@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coft.backbone import load_backbone  # noqa: E402
 from coft.classifier import Classifier, ImageClassifier, text_head  # noqa: E402
 from coft.config import CoFTConfig, Phase2Config  # noqa: E402
-from coft.loader import map_batches  # noqa: E402
+from coft.baselines import encode_images  # noqa: E402
+from coft.image_cache import cached_images  # noqa: E402
 from coft.phase1 import score_images, train_prompt_model  # noqa: E402
 from coft.phase2 import fine_tune  # noqa: E402
 from coft.prompts import class_text_features  # noqa: E402
@@ -43,9 +43,13 @@ from coft.pseudo_labels import top_k_per_class  # noqa: E402
 
 def _zero_shot_logits(backbone, text: torch.Tensor, images) -> torch.Tensor:
     """Zero-shot logits, as the pipeline ranks S*."""
-    features = map_batches(lambda p: F.normalize(backbone.model.encode_image(p), dim=-1), images,
-                           backbone.eval_transform(), 256, backbone.device)
-    return backbone.logit_scale * features @ text.T
+    return backbone.logit_scale * encode_images(backbone, images, 256) @ text.T
+
+
+def _sources(backbone, task):
+    """The task's splits decoded once: train rows for the train split, test rows for both."""
+    return (cached_images(task.train_images, backbone.preprocess_cfg, backbone.device),
+            cached_images(task.test_images, backbone.preprocess_cfg, backbone.device, train_scale=None))
 
 
 def _accuracy(predicted: torch.Tensor, truth: list[int]) -> float:
@@ -58,10 +62,11 @@ TRAINING_SETS = ("s-star", "s-star-true", "random-true", "random-zero-shot")
 def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: int = 0) -> None:
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
+    train_images, test_images = _sources(backbone, task)
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}} | overrides)
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
 
-    train_logits = _zero_shot_logits(backbone, text, task.train_images)
+    train_logits = _zero_shot_logits(backbone, text, train_images)
     indices, labels = top_k_per_class(train_logits.softmax(dim=1), config.pseudo_labels.top_k)
     truth = torch.tensor(task.train_labels)
     if training_set.startswith("random"):
@@ -72,13 +77,13 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: 
         labels = truth[indices]
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model, history = train_prompt_model(backbone, task.class_names, task.train_images, indices, labels,
+    model, history = train_prompt_model(backbone, task.class_names, train_images, indices, labels,
                                         config.phase1, seed=10 + 1000 * seed)
-    test_pos, _ = score_images(model, backbone, task.test_images, 256)
-    train_pos, _ = score_images(model, backbone, task.train_images, 256)
+    test_pos, _ = score_images(model, backbone, test_images, 256)
+    train_pos, _ = score_images(model, backbone, train_images, 256)
     print(f"{task_name} {json.dumps(overrides)} trained on {training_set} seed {seed}: |S*| {len(indices)}, S* precision "
           f"{float((labels == truth[indices]).float().mean()):.3f}; test accuracy zero-shot "
-          f"{_accuracy(_zero_shot_logits(backbone, text, task.test_images).argmax(dim=1), task.test_labels):.3f}, Phase I "
+          f"{_accuracy(_zero_shot_logits(backbone, text, test_images).argmax(dim=1), task.test_labels):.3f}, Phase I "
           f"{_accuracy(test_pos.argmax(dim=1), task.test_labels):.3f}; Phase I on U "
           f"{_accuracy(train_pos.argmax(dim=1), task.train_labels):.3f}; final L1 {history[-1]['l1']:.3f} "
           f"({time.perf_counter() - started:.0f}s)")
@@ -87,17 +92,18 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: 
 def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> None:
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
+    train_images, test_images = _sources(backbone, task)
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}})
     k = config.pseudo_labels.top_k
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
-    indices, labels = top_k_per_class(_zero_shot_logits(backbone, text, task.train_images).softmax(dim=1), k)
+    indices, labels = top_k_per_class(_zero_shot_logits(backbone, text, train_images).softmax(dim=1), k)
     truth = torch.tensor(task.train_labels)
     lines = []
     for round_ in range(1, num_rounds + 1):
-        model, _ = train_prompt_model(backbone, task.class_names, task.train_images, indices, labels, config.phase1,
+        model, _ = train_prompt_model(backbone, task.class_names, train_images, indices, labels, config.phase1,
                                       seed=10 + 100 * round_ + 1000 * seed)
-        test_pos, _ = score_images(model, backbone, task.test_images, 256)
-        train_pos, _ = score_images(model, backbone, task.train_images, 256)
+        test_pos, _ = score_images(model, backbone, test_images, 256)
+        train_pos, _ = score_images(model, backbone, train_images, 256)
         lines.append(f"round {round_}: S* {len(indices)} at {100 * float((labels == truth[indices]).float().mean()):.1f}% "
                      f"-> test {100 * _accuracy(test_pos.argmax(dim=1), task.test_labels):.1f}, "
                      f"on U {100 * _accuracy(train_pos.argmax(dim=1), task.train_labels):.1f}")
@@ -109,6 +115,7 @@ def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> 
 def phase2_ceiling(task_name: str, noise: float, overrides: dict) -> None:
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
+    train_images, test_images = _sources(backbone, task)
     labels = torch.tensor(task.train_labels)
     generator = torch.Generator().manual_seed(0)
     replaced = torch.rand(len(labels), generator=generator) < noise
@@ -116,12 +123,12 @@ def phase2_ceiling(task_name: str, noise: float, overrides: dict) -> None:
     config = Phase2Config(**({"hflip": False} | overrides))
     text = class_text_features(backbone, task.class_names, ["a photo of a {}."])
     model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
-    history = fine_tune(model, backbone, task.train_images, labels, torch.ones(len(labels), dtype=torch.bool),
+    history = fine_tune(model, backbone, train_images, labels, torch.ones(len(labels), dtype=torch.bool),
                         config, seed=0)
     classifier = Classifier([model], task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
     precision = float((labels == torch.tensor(task.train_labels)).float().mean())
     print(f"{task_name} noise {noise} {json.dumps(overrides)}: label precision {precision:.3f}, test accuracy "
-          f"{_accuracy(classifier.predict(task.test_images).indices, task.test_labels):.3f}, "
+          f"{_accuracy(classifier.predict(test_images).indices, task.test_labels):.3f}, "
           f"train CE after {len(history)} epochs {history[-1]['ce']:.2f}")
 
 

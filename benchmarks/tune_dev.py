@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coft.backbone import load_backbone  # noqa: E402
 from coft.classifier import Classifier, ImageClassifier, text_head  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
+from coft.image_cache import cached_images  # noqa: E402
 from coft.phase2 import fine_tune, interpolate_weights  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
 from coft.proxy.tasks import DEV_TASKS, load_task  # noqa: E402
@@ -77,6 +78,8 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
     backbone = load_backbone("proxy", device="cpu")
     for name in tasks:
         task = load_task(name, 1000, 300)
+        train_images = cached_images(task.train_images, backbone.preprocess_cfg, backbone.device)
+        test_images = cached_images(task.test_images, backbone.preprocess_cfg, backbone.device, train_scale=None)
         for seed in seeds:
             filtered = _cached_filter(task, name, seed)
             text = torch.load(CACHE / f"{name}-seed{seed}" / "zero-shot.pt", weights_only=True)["text_features"]
@@ -92,7 +95,7 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
                     # --true-labels: the same clean images, each with its true class (a perfect filter's
                     # labels at this coverage); labels are otherwise used only to measure.
                     labels = torch.tensor(task.train_labels) if true_labels else filtered["labels"][which]
-                    history = fine_tune(model, backbone, task.train_images, labels,
+                    history = fine_tune(model, backbone, train_images, labels,
                                         filtered["clean"][which], config.phase2, seed * 1000 + which)
                     members.append(model)
                     final_ce.append(round(history[-1]["ce"], 3))
@@ -108,9 +111,9 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
                     accuracy = []
                     for i in (0, 1):
                         single = Classifier([evaluated[i]], task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
-                        accuracy.append(float((single.predict(task.test_images).indices == truth).float().mean()))
+                        accuracy.append(float((single.predict(test_images).indices == truth).float().mean()))
                     both = Classifier(evaluated, task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
-                    accuracy.append(float((both.predict(task.test_images).indices == truth).float().mean()))
+                    accuracy.append(float((both.predict(test_images).indices == truth).float().mean()))
                     label = (json.dumps(overrides) + (" on true labels" if true_labels else "")
                              + ("" if fraction is None else f" interpolated {fraction}"))
                     print(f"{name} seed {seed} phase2 {label}: test model1/model2/final "
@@ -142,7 +145,7 @@ def filter_quality(tasks: list[str], seeds: list[int]) -> None:
             for which in (0, 1):
                 labels, clean = filtered["labels"][which], filtered["clean"][which].bool()
                 right = labels == truth
-                confidence = filtered["phase1_predictions"][which].max(dim=1).values
+                confidence = filtered["confidence"][which]
                 print(f"{name} seed {seed} model {which + 1}: labels on U {100 * right.float().mean():.1f}% right; "
                       f"kept {int(clean.sum())} at {100 * right[clean].float().mean():.1f}%, rejected "
                       f"{int((~clean).sum())} at {100 * right[~clean].float().mean():.1f}%; AUROC of the other "

@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
-from coft.backbone import Backbone, _interpolation, _to_rgb, grad_scaler
+from coft.augment import StrongAugmentation, train_augmentation
+from coft.backbone import Backbone
 from coft.classifier import Classifier, ImageClassifier, text_head, zero_shot_classifier
 from coft.config import DEFAULT_TEMPLATE
-from coft.loader import map_batches, training_batches
+from coft.image_cache import ImageSource, cached_images
 from coft.prompts import TEMPLATE_ENSEMBLE, PromptLearner, class_text_features
 from coft.pseudo_labels import top_k_per_class
+from coft.training import Optimiser, epoch_batches, in_order, steps_per_epoch
 
 # CoOp's schedules (its configs vit_b16_ep50 / ep100 / ep200): fewer shots, fewer epochs.
 COOP_EPOCHS = {1: 50, 2: 50, 4: 100, 8: 100, 16: 200}
@@ -115,40 +115,38 @@ def zero_shot(backbone: Backbone, class_names: Sequence[str], ensemble: bool = F
 # --------------------------------------------------------------------------- CoOp and UPL
 
 
-def train_coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image], indices: torch.Tensor,
-               labels: torch.Tensor, config: CoOpConfig, seed: int, epochs: int) -> Classifier:
+def train_coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image] | ImageSource,
+               indices: torch.Tensor, labels: torch.Tensor, config: CoOpConfig, seed: int, epochs: int) -> Classifier:
     """Learn a CoOp context on images[indices] with `labels`; the classifier is the frozen vision tower
     and a head of the learned class prompts (what CoOp computes at test time, cached)."""
+    source = as_source(images, backbone)
+    indices, labels = indices.cpu(), labels.cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         prompts = PromptLearner(backbone, class_names, config.context_tokens, config.init_std, generator)
-        optimizer = torch.optim.SGD([prompts.positive], lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-        transform = backbone.train_transform(config.crop_scale_min, config.hflip)
-        loader = training_batches(images, transform, config.batch_size, seed, indices.tolist(), labels)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
-        scaler = grad_scaler(backbone.device)
+        augmentation = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
+        optimiser = Optimiser([prompts.positive], lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay, device=backbone.device,
+                              total_steps=epochs * steps_per_epoch(len(indices), config.batch_size))
         scale = backbone.logit_scale
+        order = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
-            for pixels, batch_labels, _ in loader:
-                pixels, batch_labels = pixels.to(backbone.device), batch_labels.to(backbone.device)
+            for positions in epoch_batches(len(indices), config.batch_size, order):
+                pixels = source.view(source.pixels(indices[positions]), augmentation)
+                batch_labels = labels[positions].to(backbone.device, non_blocking=True)
                 with backbone.autocast():
                     with torch.no_grad():  # the vision tower is frozen in CoOp
                         image = F.normalize(backbone.model.encode_image(pixels).float(), dim=-1)
                     loss = F.cross_entropy(scale * image @ prompts("positive").float().T, batch_labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
+                optimiser.step(loss)
         with torch.no_grad():
             class_features = prompts("positive").float()
     return zero_shot_classifier(backbone, class_names, class_features)
 
 
-def coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image], labels: torch.Tensor,
-         config: CoOpConfig | None = None, seed: int = 0) -> Classifier:
+def coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image] | ImageSource,
+         labels: torch.Tensor, config: CoOpConfig | None = None, seed: int = 0) -> Classifier:
     """CoOp on labelled images (the k shots per class, as chosen by `sample_shots`)."""
     config = config or CoOpConfig()
     shots = int(torch.bincount(labels).max()) if len(labels) else 1
@@ -156,10 +154,11 @@ def coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.
     return train_coop(backbone, class_names, images, torch.arange(len(images)), labels, config, seed, epochs)
 
 
-def upl(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image],
+def upl(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image] | ImageSource,
         config: UPLConfig | None = None, seed: int = 0, batch_size: int = 128) -> Classifier:
     """UPL: CoOp on the top-K most confident zero-shot pseudo-labels per class."""
     config = config or UPLConfig()
+    images = as_source(images, backbone)  # decoded once, for the pseudo-labels and the training
     text = class_text_features(backbone, class_names, [config.template])
     features = encode_images(backbone, images, batch_size)
     probabilities = (backbone.logit_scale * features @ text.to(features.device).T).softmax(dim=1).cpu()
@@ -170,8 +169,8 @@ def upl(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.I
 # --------------------------------------------------------------------------- linear probe
 
 
-def linear_probe(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image], labels: torch.Tensor,
-                 config: LinearProbeConfig | None = None, batch_size: int = 128) -> Classifier:
+def linear_probe(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image] | ImageSource,
+                 labels: torch.Tensor, config: LinearProbeConfig | None = None, batch_size: int = 128) -> Classifier:
     """Logistic regression on the frozen, unit-norm image embeddings; sklearn's objective
     C * sum CE + ||W||^2 / 2, divided by C*N: mean CE + ||W||^2 / (2 C N). The bias is not penalised."""
     config = config or LinearProbeConfig()
@@ -198,73 +197,49 @@ def linear_probe(backbone: Backbone, class_names: Sequence[str], images: Sequenc
 # --------------------------------------------------------------------------- FixMatch-style self-training
 
 
-class _WeakStrong(Dataset):
-    def __init__(self, images: Sequence[Image.Image], weak, strong):
-        self.images, self.weak, self.strong = images, weak, strong
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        return self.weak(image), self.strong(image)
-
-
-def strong_transform(preprocess_cfg: dict, config: FixMatchConfig) -> transforms.Compose:
-    size = preprocess_cfg["size"]
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    steps = [transforms.RandomResizedCrop(size, scale=(config.crop_scale_min, 1.0),
-                                          interpolation=_interpolation(preprocess_cfg.get("interpolation", "bicubic"))),
-             _to_rgb,
-             transforms.RandAugment(config.randaugment_ops, config.randaugment_magnitude)]
-    if config.hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])]
-    return transforms.Compose(steps)
-
-
-def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image],
+def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image] | ImageSource,
              config: FixMatchConfig | None = None, seed: int = 0) -> tuple[Classifier, dict]:
     """Self-training of a fresh vision tower + zero-shot head; returns it and how many targets passed."""
     config = config or FixMatchConfig()
+    source = as_source(images, backbone)
     text = class_text_features(backbone, class_names, [config.template])
     model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
     model.to(backbone.device).train().requires_grad_(True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    dataset = _WeakStrong(images, backbone.train_transform(config.crop_scale_min, config.hflip),
-                          strong_transform(backbone.preprocess_cfg, config))
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.epochs * len(loader)))
-    scaler = grad_scaler(backbone.device)
-    passed = seen = 0
+    weak = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
+    strong = StrongAugmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip,
+                                config.randaugment_ops, config.randaugment_magnitude)
+    optimiser = Optimiser(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                          total_steps=config.epochs * steps_per_epoch(len(source), config.batch_size),
+                          device=backbone.device)
+    order = torch.Generator().manual_seed(seed)
+    passed = torch.zeros((), device=backbone.device)
+    seen = 0
     prediction_mean = torch.full((len(class_names),), 1.0 / len(class_names), device=backbone.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(config.epochs):
-            for weak, strong in loader:
-                weak, strong = weak.to(backbone.device), strong.to(backbone.device)
+            for positions in epoch_batches(len(source), config.batch_size, order):
+                pixels = source.pixels(positions)
+                weak_view, strong_view = source.view(pixels, weak), source.view(pixels, strong)
                 with backbone.autocast():
                     with torch.no_grad():
-                        probabilities = model(weak).float().softmax(dim=1)
+                        probabilities = model(weak_view).float().softmax(dim=1)
                         if config.distribution_alignment:
                             probabilities = align_distribution(probabilities, prediction_mean,
                                                                config.alignment_momentum)
                         confidence, target = probabilities.max(dim=1)
                     keep = confidence >= config.threshold
-                    passed, seen = passed + int(keep.sum()), seen + len(keep)
+                    passed, seen = passed + keep.sum(), seen + len(keep)
+                    # A baseline may wait for the device: only the confident samples are forwarded.
                     if keep.any():
-                        loss = F.cross_entropy(model(strong[keep]).float(), target[keep])
+                        loss = F.cross_entropy(model(strong_view[keep]).float(), target[keep])
                 if keep.any():
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                schedule.step()
+                    optimiser.step(loss)
+                else:
+                    optimiser.skip()
     model.eval().requires_grad_(False)
     classifier = Classifier([model], class_names, backbone.model_cfg, backbone.preprocess_cfg)
-    return classifier, {"mask_rate": passed / max(seen, 1)}
+    return classifier, {"mask_rate": float(passed) / max(seen, 1)}
 
 
 def align_distribution(probabilities: torch.Tensor, prediction_mean: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -278,13 +253,24 @@ def align_distribution(probabilities: torch.Tensor, prediction_mean: torch.Tenso
 # --------------------------------------------------------------------------- helpers
 
 
-def encode_images(backbone: Backbone, images: Sequence[Image.Image], batch_size: int = 128) -> torch.Tensor:
-    """[N, D] unit-norm image embeddings of the frozen backbone, test-time transform."""
-    def encode(pixels):
-        with backbone.autocast():
-            return F.normalize(backbone.model.encode_image(pixels).float(), dim=-1)
+def as_source(images: Sequence[Image.Image] | ImageSource, backbone: Backbone) -> ImageSource:
+    """PIL images decoded once into a temporary cache; an ImageSource as it is."""
+    if isinstance(images, ImageSource):
+        return images
+    return cached_images(images, backbone.preprocess_cfg, backbone.device)
 
-    return map_batches(encode, images, backbone.eval_transform(), batch_size, backbone.device).to(backbone.device)
+
+@torch.no_grad()
+def encode_images(backbone: Backbone, images: Sequence[Image.Image] | ImageSource,
+                  batch_size: int = 128) -> torch.Tensor:
+    """[N, D] unit-norm image embeddings of the frozen backbone, test-time view, on its device."""
+    source = as_source(images, backbone)
+    features = []
+    for positions in in_order(len(source), batch_size):
+        with backbone.autocast():
+            embedded = backbone.model.encode_image(source.test_view(positions))
+        features.append(F.normalize(embedded.float(), dim=-1))
+    return torch.cat(features)
 
 
 def sample_shots(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:

@@ -30,7 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from coft.backbone import autocast, build_vision_tower, default_device
+from coft.image_cache import ImageSource
 from coft.loader import map_batches
+from coft.training import in_order
 
 if TYPE_CHECKING:
     from coft.backbone import Backbone
@@ -49,8 +51,12 @@ class ImageClassifier(nn.Module):
         self.visual = visual
         self.head = head
 
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The unit-norm image embedding the head reads."""
+        return F.normalize(self.visual(pixels), dim=-1)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(F.normalize(self.visual(pixels), dim=-1).to(self.head.weight.dtype))
+        return self.head(self.embed(pixels).to(self.head.weight.dtype))
 
 
 def text_head(class_features: torch.Tensor, scale: float) -> nn.Linear:
@@ -126,13 +132,19 @@ class Classifier(nn.Module):
         return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[Image.Image], batch_size: int = 64) -> Predictions:
+    def predict(self, images: Sequence[Image.Image] | ImageSource, batch_size: int = 64) -> Predictions:
+        """Class probabilities of PIL images (this artifact's own test-time transform), or of an
+        ImageSource's test-time views (a run's decoded-image cache)."""
         def probabilities(pixels):
             with autocast(self.device):
                 return self(pixels)
 
         if len(images) == 0:
             return Predictions(self.class_names, torch.empty(0, len(self.class_names)))
+        if isinstance(images, ImageSource):
+            batches = [probabilities(images.test_view(positions))
+                       for positions in in_order(len(images), batch_size)]
+            return Predictions(self.class_names, torch.cat(batches).float().cpu())
         return Predictions(self.class_names, map_batches(probabilities, images, self.transform(), batch_size,
                                                          self.device))
 

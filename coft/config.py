@@ -100,6 +100,10 @@ class CoFTPlusConfig:
     # K keeps S* representative as the models improve (benchmarks/RESULTS.md, "CoFT+ rounds").
     round_top_k: str = "grow"
     contrastive: bool = True  # MoCo term in Phase II; False: CoFT's Phase II after the rounds
+    # Where the query comes from: "moco", the spec, a MoCo v2 view of its own (one more forward pass
+    # of the tower per batch); "ce", the embedding of the cross-entropy's view of the same image,
+    # so that one forward pass with gradient serves both terms.
+    query_view: str = "moco"
     momentum: float = 0.999  # mu of the EMA key encoder
     temperature: float = 0.07  # tau' of InfoNCE
     contrastive_weight: float = 0.1  # gamma
@@ -112,6 +116,8 @@ class CoFTPlusConfig:
     def __post_init__(self) -> None:
         if self.round_top_k not in ("constant", "grow"):
             raise ValueError(f'config.coft_plus.round_top_k must be "constant" or "grow", got {self.round_top_k!r}')
+        if self.query_view not in ("moco", "ce"):
+            raise ValueError(f'config.coft_plus.query_view must be "moco" or "ce", got {self.query_view!r}')
 
 
 @dataclass
@@ -122,7 +128,16 @@ class CoFTConfig:
     phase2: Phase2Config = field(default_factory=Phase2Config)
     coft_plus: CoFTPlusConfig = field(default_factory=CoFTPlusConfig)
     eval_batch_size: int = 128
-    num_workers: int = 0  # DataLoader workers; 0 keeps everything in one process
+    # Every image is decoded once, into a cache at cache_scale times the model's input size (room
+    # for random crops), by decode_threads threads (None: every core this process may use).
+    decode_threads: int | None = None
+    cache_scale: float = 1.15
+
+    def __post_init__(self) -> None:
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ValueError(f"config.decode_threads must be at least 1, got {self.decode_threads}")
+        if self.cache_scale < 1.0:
+            raise ValueError(f"config.cache_scale must be at least 1, got {self.cache_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

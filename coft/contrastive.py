@@ -7,28 +7,31 @@ from every image, the rejected ones too: that is how CoFT+ draws on the samples 
 
 Spec defaults (coft.config.CoFTPlusConfig): mu 0.999, tau' 0.07, gamma 0.1, queue min(16384, |U|/2)
 rounded to the batch, no projection head (the queries are the unit-norm image embeddings the
-classifier head reads), the head is not part of the EMA.
+classifier head reads), the head is not part of the EMA. The two views are MoCo v2's augmentation
+(coft.augment.moco_v2_augmentation), drawn on the device for the whole batch.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from torchvision import transforms
 
-from coft.backbone import _interpolation, _to_rgb
+from coft.augment import moco_v2_augmentation
 
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (and buffers copied)."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1.0 - momentum)
+    """target <- momentum * target + (1 - momentum) * source, for every parameter (buffers are copied).
+
+    One fused update over all tensors (as timm's EMA does): a per-parameter loop would launch
+    hundreds of small kernels per step on a GPU."""
+    targets = list(target.parameters())
+    torch._foreach_lerp_(targets, [s.detach().to(t.dtype) for t, s in zip(targets, source.parameters())],
+                         1.0 - momentum)
     for t, s in zip(target.buffers(), source.buffers()):
         t.copy_(s)
 
@@ -77,56 +80,33 @@ def queue_size(num_images: int, batch_size: int, maximum: int = 16384) -> int:
     return max(batch_size, size // batch_size * batch_size)
 
 
-def moco_v2_transform(preprocess_cfg: dict[str, Any], hflip: bool = True) -> Callable:
-    """MoCo v2's augmentation: crop 0.2-1, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5), flip."""
-    size = preprocess_cfg["size"]
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    kernel = max(3, int(0.1 * size[0]) // 2 * 2 + 1)  # ~10% of the side, odd, as in MoCo v2
-    steps: list[Callable] = [
-        transforms.RandomResizedCrop(size, scale=(0.2, 1.0),
-                                     interpolation=_interpolation(preprocess_cfg.get("interpolation", "bicubic"))),
-        _to_rgb,
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-    ]
-    if hflip:  # off where mirroring changes the class (digits, arrows); the key must still be the same image
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])]
-    return transforms.Compose(steps)
-
-
 class MomentumContrast:
-    """The contrastive term of CoFT+'s Phase II, as the `extra_loss` hook of coft.phase2.fine_tune.
+    """The contrastive term of CoFT+'s Phase II, called by coft.phase2.fine_tune once per batch.
 
-    Called once per batch with the model being trained and the indices (into `images`) of every
-    sample in the batch, clean or rejected; returns gamma * InfoNCE. Per call: EMA update of the key
-    encoder (MoCo does it before computing keys), queries with gradient, keys without, then the
-    keys enter the queue, after the loss was formed, so a key is never its own negative.
+    It gets the encoder being trained, the batch's queries (unit-norm embeddings of every sample,
+    clean or rejected, with gradient) and the key view of the same images; returns gamma * InfoNCE.
+    Per call: EMA update of the key encoder (MoCo does it before computing keys), keys without
+    gradient, the loss, then the keys enter the queue, so a key is never its own negative.
+
+    `query_view` says where the queries come from: "moco" (the spec) embeds a MoCo v2 view of their
+    own, one more forward pass of the tower; "ce" reuses the embedding of the cross-entropy's view,
+    so one forward pass with gradient serves both terms.
     """
 
-    def __init__(self, visual: nn.Module, images: Sequence[Image.Image], preprocess_cfg: dict[str, Any],
-                 device: torch.device, embed_dim: int, *, momentum: float, temperature: float, weight: float,
-                 queue_length: int, hflip: bool = True):
+    def __init__(self, visual: nn.Module, embed_dim: int, preprocess_cfg: dict[str, Any], device: torch.device, *,
+                 momentum: float, temperature: float, weight: float, queue_length: int, hflip: bool = True,
+                 query_view: str = "moco"):
         self.key_encoder = copy.deepcopy(visual).requires_grad_(False).eval()
-        self.images = images
-        self.transform = moco_v2_transform(preprocess_cfg, hflip)
-        self.device = device
+        self.augmentation = moco_v2_augmentation(preprocess_cfg, hflip)
+        self.shares_ce_view = query_view == "ce"
         self.momentum, self.temperature, self.weight = momentum, temperature, weight
         self.queue = KeyQueue(queue_length, embed_dim, device)
-        self.last_loss: float | None = None
 
-    def __call__(self, model: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-        images = [self.images[int(i)] for i in indices]
-        queries_pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
-        keys_pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
-        visual = model.visual
-        queries = F.normalize(visual(queries_pixels).float(), dim=-1)
+    def __call__(self, visual: nn.Module, queries: torch.Tensor, key_inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             ema_update(self.key_encoder, visual, self.momentum)
-            keys = F.normalize(self.key_encoder(keys_pixels).float(), dim=-1)
+            keys = F.normalize(self.key_encoder(key_inputs).float(), dim=-1)
         # a copy: the queue is overwritten in place below, and autograd needs the negatives as they were
         loss = info_nce(queries, keys, self.queue.keys.clone(), self.temperature)
         self.queue.push(keys)
-        self.last_loss = float(loss.detach())
         return self.weight * loss

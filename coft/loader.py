@@ -1,4 +1,7 @@
-"""Feeding images to models: transformed batches for training, and batched inference over a set."""
+"""Batched inference over PIL images: the serving path (`Classifier.predict` on uploads and folders).
+
+Training and the passes inside a run read the decoded-image cache instead (coft.image_cache).
+"""
 
 from __future__ import annotations
 
@@ -6,48 +9,16 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-
-
-class TransformedImages(Dataset):
-    def __init__(self, images: Sequence[Image.Image], transform: Callable, indices: Sequence[int] | None = None,
-                 labels: torch.Tensor | None = None):
-        self.images = images
-        self.transform = transform
-        self.indices = list(range(len(images))) if indices is None else [int(i) for i in indices]
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int):
-        index = self.indices[position]
-        pixels = self.transform(self.images[index])
-        label = -1 if self.labels is None else int(self.labels[position])
-        return pixels, label, index
-
-
-def training_batches(images: Sequence[Image.Image], transform: Callable, batch_size: int, seed: int,
-                     indices: Sequence[int] | None = None, labels: torch.Tensor | None = None,
-                     num_workers: int = 0) -> DataLoader:
-    """Shuffled batches of (pixels, label, index); the seed fixes the order of every epoch."""
-    dataset = TransformedImages(images, transform, indices, labels)
-    generator = torch.Generator().manual_seed(seed)
-    # Drop a trailing batch of one: BatchNorm-free CLIPs would cope, but a 1-sample step is noise.
-    drop_last = len(dataset) > batch_size and len(dataset) % batch_size == 1
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=drop_last,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 @torch.no_grad()
 def map_batches(fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]], images: Sequence[Image.Image],
-                transform: Callable, batch_size: int, device: torch.device, num_workers: int = 0,
+                transform: Callable, batch_size: int, device: torch.device,
                 on_batch: Callable[[int], None] | None = None):
-    """Apply fn to every image (test-time transform, no shuffling); outputs concatenated on the CPU."""
-    loader = DataLoader(TransformedImages(images, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+    """Apply fn to every image (the test-time transform, in order); outputs concatenated on the CPU."""
     outputs: list = []
-    for pixels, _, _ in loader:
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(images[i]) for i in range(start, min(start + batch_size, len(images)))])
         result = fn(pixels.to(device, non_blocking=True))
         outputs.append(tuple(r.float().cpu() for r in result) if isinstance(result, tuple) else result.float().cpu())
         if on_batch is not None:

@@ -12,15 +12,16 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from coft.backbone import Backbone, grad_scaler
+from coft.augment import train_augmentation
+from coft.backbone import Backbone
 from coft.config import Phase1Config
-from coft.loader import map_batches, training_batches
+from coft.image_cache import ImageSource, training_inputs
 from coft.losses import confusable_other_labels, negative_loss, positive_loss, random_other_labels
 from coft.progress import StageReport
 from coft.prompts import PromptLearner
+from coft.training import LossMeans, Optimiser, epoch_batches, in_order, steps_per_epoch
 from coft.vpt import prompted_visual
 
 
@@ -45,41 +46,36 @@ class PromptModel(nn.Module):
         return cosines(image, self.prompts("positive")), cosines(image, self.prompts("negative"))
 
 
-def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image],
-                       indices: torch.Tensor, labels: torch.Tensor, config: Phase1Config, seed: int,
-                       num_workers: int = 0, report: StageReport | None = None) -> tuple[PromptModel, list[dict]]:
+def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: ImageSource, indices: torch.Tensor,
+                       labels: torch.Tensor, config: Phase1Config, seed: int,
+                       report: StageReport | None = None) -> tuple[PromptModel, list[dict]]:
     """Train a fresh PromptModel on images[indices] with pseudo-labels; returns it and per-epoch losses."""
     model = PromptModel(backbone, class_names, config, seed)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    transform = (backbone.train_transform(config.crop_scale_min, config.hflip) if config.augment
-                 else backbone.eval_transform())
-    loader = training_batches(images, transform, config.batch_size, seed, indices.tolist(), labels, num_workers)
-    total_steps = max(1, config.epochs * len(loader))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-    scaler = grad_scaler(backbone.device)
-    generator = torch.Generator().manual_seed(seed + 7919)
+    augmentation = (train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
+                    if config.augment else None)
+    indices, labels = indices.cpu(), labels.cpu()
+    total_steps = max(1, config.epochs * steps_per_epoch(len(indices), config.batch_size))
+    optimiser = Optimiser([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                          momentum=config.momentum, weight_decay=config.weight_decay, total_steps=total_steps,
+                          device=backbone.device)
+    order = torch.Generator().manual_seed(seed)
+    others = torch.Generator().manual_seed(seed + 7919)
     history, step = [], 0
     for epoch in range(config.epochs):
-        sums = {"l1": 0.0, "l2": 0.0, "n": 0}
-        for pixels, batch_labels, _ in loader:
-            pixels, batch_labels = pixels.to(backbone.device), batch_labels.to(backbone.device)
+        means = LossMeans()
+        for positions in epoch_batches(len(indices), config.batch_size, order):
+            pixels = training_inputs(images, indices[positions], augmentation)
+            batch_labels = labels[positions].to(backbone.device, non_blocking=True)
             with backbone.autocast():
-                l1, l2 = _losses(model, pixels, batch_labels, config, generator)
-                loss = l1 + config.negative_weight * l2
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
+                l1, l2 = _losses(model, pixels, batch_labels, config, others)
+            optimiser.step(l1 + config.negative_weight * l2)
+            means.add("l1", l1, len(positions))
+            means.add("l2", l2, len(positions))
             step += 1
-            sums["l1"] += l1.item() * len(pixels)
-            sums["l2"] += l2.item() * len(pixels)
-            sums["n"] += len(pixels)
             if report is not None:
                 report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
-        history.append({"epoch": epoch + 1, "l1": sums["l1"] / max(sums["n"], 1), "l2": sums["l2"] / max(sums["n"], 1)})
+        history.append({"epoch": epoch + 1, **means.read("l1", "l2")})
     model.eval()
     return model, history
 
@@ -114,20 +110,22 @@ def _losses(model: PromptModel, pixels, labels, config: Phase1Config, generator:
     return l1, l2
 
 
-def score_images(model: PromptModel, backbone: Backbone, images: Sequence[Image.Image], batch_size: int,
-                 num_workers: int = 0, report: StageReport | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s+, s-) [N, C] for every image, with the test-time transform."""
-    done = [0]
+@torch.no_grad()
+def score_images(model: PromptModel, backbone: Backbone, images: ImageSource, batch_size: int,
+                 report: StageReport | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s+, s-) [N, C] for every image, with the test-time view, on the CPU.
 
-    def on_batch(n: int) -> None:
-        done[0] += n
-        if report is not None:
-            report(done[0] / max(len(images), 1), "scoring")
-
-    def similarities(pixels):
-        with backbone.autocast():
-            return model.similarities(pixels)
-
+    The prompts do not change during a pass, so their text features are computed once for it.
+    """
     model.eval()
-    return map_batches(similarities, images, backbone.eval_transform(), batch_size, backbone.device, num_workers,
-                       on_batch)
+    with backbone.autocast():
+        text_pos, text_neg = model.prompts("positive"), model.prompts("negative")
+    scores_pos, scores_neg = [], []
+    for positions in in_order(len(images), batch_size):
+        with backbone.autocast():
+            image = model.image_features(images.test_view(positions))
+        scores_pos.append(cosines(image, text_pos))
+        scores_neg.append(cosines(image, text_neg))
+        if report is not None:
+            report(int(positions[-1] + 1) / len(images), "scoring")
+    return torch.cat(scores_pos).cpu(), torch.cat(scores_neg).cpu()

@@ -1,80 +1,84 @@
 """Phase II: full fine-tuning of a fresh vision tower + linear head on a clean set (paper Sec. 3.2, Eq. 7).
 
-The loader walks all of U every epoch, as the method spec fixes; the cross-entropy sees only the
-samples the other model validated. Rejected samples are not even forwarded: without a term that
-uses them, they would add cost and change nothing (the vision transformer has no batch statistics).
+Every epoch walks all of U, as the method spec fixes; the cross-entropy sees only the samples the
+other model validated. Without a term that uses them, rejected samples are not even read: they
+would add cost and change nothing (the vision transformer has no batch statistics). CoFT+'s
+contrastive term (coft.contrastive) uses every sample of the batch, clean or rejected.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from coft.backbone import Backbone, grad_scaler
+from coft.augment import train_augmentation
+from coft.backbone import Backbone
 from coft.classifier import ImageClassifier
 from coft.config import Phase2Config
-from coft.loader import training_batches
+from coft.contrastive import MomentumContrast
+from coft.image_cache import ImageSource, training_inputs
 from coft.progress import StageReport
+from coft.training import LossMeans, Optimiser, epoch_batches, steps_per_epoch
 
 
-def fine_tune(model: ImageClassifier, backbone: Backbone, images: Sequence[Image.Image], labels: torch.Tensor,
-              clean: torch.Tensor, config: Phase2Config, seed: int, num_workers: int = 0,
-              report: StageReport | None = None,
-              extra_loss: Callable[[ImageClassifier, torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
+def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, labels: torch.Tensor,
+              clean: torch.Tensor, config: Phase2Config, seed: int, report: StageReport | None = None,
+              contrastive: MomentumContrast | None = None) -> list[dict]:
     """Train every weight of `model` with CE on the clean samples; returns per-epoch losses.
 
-    `backbone` gives the device and the preprocessing of the Phase II architecture. `extra_loss`
-    (CoFT+'s contrastive term, coft.contrastive.MomentumContrast) gets the model and the indices of
-    EVERY sample of the batch, clean or rejected, and its value is added to the CE.
+    `backbone` gives the device and the preprocessing of the Phase II architecture. `contrastive`
+    (CoFT+) adds its InfoNCE term on every sample of each batch.
     """
-    model.to(backbone.device)
+    device = backbone.device
+    model.to(device)
     start = ({name: value.detach().clone() for name, value in model.state_dict().items()}
              if config.weight_interpolation < 1.0 else None)
     model.train().requires_grad_(True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    transform = (backbone.train_transform(config.crop_scale_min, config.hflip) if config.augment
-                 else backbone.eval_transform())
-    loader = training_batches(images, transform, config.batch_size, seed, labels=labels, num_workers=num_workers)
-    total_steps = max(1, config.epochs * len(loader))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-    scaler = grad_scaler(backbone.device)
-    clean = clean.bool()
+    augmentation = (train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
+                    if config.augment else None)
+    total_steps = max(1, config.epochs * steps_per_epoch(len(images), config.batch_size))
+    optimiser = Optimiser(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, total_steps=total_steps, device=device)
+    clean, labels = clean.bool().cpu(), labels.cpu()
+    order = torch.Generator().manual_seed(seed)
     history, step = [], 0
     for epoch in range(config.epochs):
-        total, seen, extra_total, extra_steps = 0.0, 0, 0.0, 0
-        for pixels, batch_labels, indices in loader:
+        means = LossMeans()
+        for positions in epoch_batches(len(images), config.batch_size, order):
             step += 1
-            keep = clean[indices]
-            if keep.any() or extra_loss is not None:
-                loss = torch.zeros((), device=backbone.device)
-                if keep.any():
-                    pixels, batch_labels = pixels[keep].to(backbone.device), batch_labels[keep].to(backbone.device)
+            rows = clean[positions].nonzero().squeeze(1)  # the batch's clean rows
+            kept = positions[rows]
+            targets = labels[kept].to(device, non_blocking=True)
+            if contrastive is None:
+                if len(kept) == 0:
+                    optimiser.skip()
+                else:
                     with backbone.autocast():
-                        ce = F.cross_entropy(model(pixels).float(), batch_labels)
-                    loss = loss + ce
-                    total += ce.item() * len(pixels)
-                    seen += len(pixels)
-                if extra_loss is not None:
-                    with backbone.autocast():
-                        extra = extra_loss(model, indices)
-                    loss = loss + extra
-                    extra_total += extra.item()
-                    extra_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            schedule.step()
+                        ce = F.cross_entropy(model(training_inputs(images, kept, augmentation)).float(), targets)
+                    optimiser.step(ce)
+                    means.add("ce", ce, len(kept))
+            else:
+                pixels = images.pixels(positions)
+                with backbone.autocast():
+                    if contrastive.shares_ce_view:  # one forward pass: the CE view's embedding is the query
+                        embeddings = model.embed(training_inputs(images, positions, augmentation, pixels))
+                        logits, queries = model.head(embeddings[rows.to(device)]), embeddings
+                    else:  # the spec: the query is a MoCo v2 view of its own
+                        clean_pixels = pixels[rows.to(device)]
+                        logits = model(training_inputs(images, kept, augmentation, clean_pixels)) if len(kept) else None
+                        queries = model.embed(images.view(pixels, contrastive.augmentation))
+                    nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
+                    loss = nce
+                    if len(kept):
+                        ce = F.cross_entropy(logits.float(), targets)
+                        loss = loss + ce
+                        means.add("ce", ce, len(kept))
+                optimiser.step(loss)
+                means.add("extra", nce)
             if report is not None:
                 report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
         # None, not 0.0, for an epoch without a single clean sample: nothing was fitted.
-        history.append({"epoch": epoch + 1, "ce": total / seen if seen else None})
-        if extra_loss is not None:
-            history[-1]["extra"] = extra_total / extra_steps if extra_steps else None
+        history.append({"epoch": epoch + 1, **means.read(*(("ce", "extra") if contrastive else ("ce",)))})
     model.eval().requires_grad_(False)
     if start is not None:
         interpolate_weights(model, start, config.weight_interpolation)

@@ -2,6 +2,7 @@
 
 Stages, each checkpointed into `checkpoint_dir` when one is given, so an interrupted run resumes
 where it stopped:
+    decode     every image decoded once into a cache that every later pass reads (coft.image_cache)
     zero-shot  pseudo-labels for all of U, and S* (top-K per class)
     phase1     two prompt models, each trained on S*              (CoFT)
                CoFT+: R rounds per model, each a fresh model on the top-K of the previous round's
@@ -20,6 +21,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,22 +34,24 @@ from coft.classifier import Classifier, ImageClassifier, Predictions, text_head,
 from coft.config import CoFTConfig
 from coft.contrastive import MomentumContrast, queue_size
 from coft.descriptions import LLMEndpoint, description_features, resolve_descriptions
-from coft.loader import map_batches
+from coft.image_cache import CachedImages, ImageSource, cached_images, image_fingerprint
 from coft.losses import clean_probability
 from coft.phase1 import PromptModel, score_images, train_prompt_model
 from coft.phase2 import fine_tune
 from coft.progress import ProgressCallback, ProgressTracker
 from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
 from coft.pseudo_labels import top_k_per_class, validated_by
+from coft.training import in_order
 
 METHODS = ("zero-shot", "coft", "coft+")
+CHECKPOINT_FORMAT = 2  # what a stage checkpoint holds; checkpoints of another format are recomputed
 
 
 @dataclass
 class LabelledImages:
     """An optional labelled holdout: used only to report true accuracy, never to train."""
 
-    images: Sequence[Image.Image]
+    images: Sequence[Image.Image] | ImageSource
     labels: torch.Tensor  # indices into the job's class names
 
 
@@ -61,7 +65,7 @@ class AdaptResult:
     selections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def adapt(images: Sequence[Image.Image], class_names: Sequence[str], *, method: str = "coft",
+def adapt(images: Sequence[Image.Image] | ImageSource, class_names: Sequence[str], *, method: str = "coft",
           backbone: Backbone | None = None, model: str = PROXY_MODEL, pretrained: str | None = None,
           config: CoFTConfig | None = None, progress: ProgressCallback | None = None,
           checkpoint_dir: str | os.PathLike | None = None, evaluation: LabelledImages | None = None,
@@ -69,6 +73,9 @@ def adapt(images: Sequence[Image.Image], class_names: Sequence[str], *, method: 
           llm: LLMEndpoint | None = None, labelled_shots: LabelledImages | None = None) -> AdaptResult:
     """Adapt a CLIP backbone to `class_names` using the unlabeled `images`.
 
+    `images` are PIL images (a coft.data.ImageSet, say): the run decodes each once into a cache, kept
+    in `checkpoint_dir` when there is one, else temporary. An ImageSource stands for already prepared
+    inputs of the backbone's geometry (benchmarks/throughput.py uses this to time the model alone).
     `backbone` (already loaded) wins over `model`/`pretrained`. `progress` receives Progress events
     and may raise to stop the run. `evaluation` adds true accuracies to the metrics.
     `descriptions` ({class: [sentences]}) replace the template for the initial pseudo-labels, in any
@@ -102,12 +109,13 @@ def _check_class_names(class_names: Sequence[str]) -> list[str]:
 class _Run:
     def __init__(self, images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation,
                  descriptions=None, llm=None, labelled_shots=None):
-        self.unlabeled_images = images
         self.unlabeled = len(images)  # images[:unlabeled] are U; labelled shots, if any, follow
         self.shot_labels = torch.empty(0, dtype=torch.long)
         if labelled_shots is not None and len(labelled_shots.images):
             if method == "zero-shot":
                 raise ValueError("labelled shots need a method that trains (coft, coft+)")
+            if isinstance(images, ImageSource) or isinstance(labelled_shots.images, ImageSource):
+                raise ValueError("labelled shots are joined to the images as PIL images, not ImageSources")
             images = _Concat(images, labelled_shots.images)
             self.shot_labels = labelled_shots.labels.cpu().long()
         self.images, self.class_names, self.method = images, class_names, method
@@ -115,7 +123,9 @@ class _Run:
         self.descriptions, self.llm = descriptions, llm
         self.round_models: dict[int, list[PromptModel]] = {}
         self.round_selections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.images_fingerprint = images.fingerprint if isinstance(images, ImageSource) else image_fingerprint(images)
         self.checkpoints = _Checkpoints(checkpoint_dir, self._fingerprint()) if checkpoint_dir else None
+        self.sources: dict[tuple, ImageSource] = {}
         self.tracker = ProgressTracker(progress, self._stage_costs())
         self.metrics: dict[str, Any] = {"method": method, "num_images": len(images), "num_classes": len(class_names)}
         self.tracker.metrics = self.metrics
@@ -123,6 +133,7 @@ class _Run:
     # -- the stages ----------------------------------------------------------------------------
 
     def execute(self) -> AdaptResult:
+        self._stage("decode", self._decode, checkpointed=False)
         zero_shot = self._stage("zero-shot", self._zero_shot)
         if self.method == "zero-shot":
             members = list(zero_shot_classifier(self.backbone, self.class_names, zero_shot["text_features"]).members)
@@ -133,15 +144,20 @@ class _Run:
         members = [self._phase2_model(i, filtered, phase2_backbone) for i in (1, 2)]
         return self._finish(members, phase2_backbone, zero_shot, filtered, prompt_models)
 
+    def _decode(self, report) -> None:
+        source = self._source("train", self.backbone, report)
+        if isinstance(source, CachedImages):
+            self.metrics["image_cache"] = source.cache.stats.as_metrics()
+
     def _zero_shot(self, report) -> dict[str, Any]:
         text_features, source = self._pseudo_label_text_features()
-        scale = self.backbone.logit_scale
-        image_features = self._encode(self.backbone, report)
-        # Stage results live on the CPU, as they do when loaded from a checkpoint (and DataLoader
-        # workers cannot touch CUDA tensors).
-        probabilities = (scale * image_features @ text_features.T).softmax(dim=1).cpu()
+        image_features = self._encode(self.backbone, self._source("train", self.backbone), report)
+        probabilities = (self.backbone.logit_scale * image_features @ text_features.T).softmax(dim=1).cpu()
         indices, labels = self._top_k_with_shots(probabilities)
-        return {"text_features": text_features.cpu(), "probabilities": probabilities,
+        # Stage results live on the CPU, as they do when loaded from a checkpoint; per image, only the
+        # label and its probability are kept: [N, C] probabilities would cost 400 MB at 100k x 1,000.
+        confidence, predicted = probabilities.max(dim=1)
+        return {"text_features": text_features.cpu(), "labels": predicted, "confidence": confidence,
                 "s_star_indices": indices, "s_star_labels": labels, **source}
 
     def _pseudo_label_text_features(self) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -183,13 +199,14 @@ class _Run:
         seed = self._seed(which) + 100 * (round_ - 1)
 
         def train(report):
-            s_pos, _ = score_images(previous, self.backbone, self.images, self.config.eval_batch_size,
-                                    self.config.num_workers, lambda f, m: report(0.1 * f, m))
+            images = self._source("train", self.backbone)
+            s_pos, _ = score_images(previous, self.backbone, images, self.config.eval_batch_size,
+                                    lambda f, m: report(0.1 * f, m))
             # The spec's confidence: the softmax of the positive prompts.
             indices, labels = self._top_k_with_shots((s_pos * previous.scale).softmax(dim=1), round_)
             model, history = train_prompt_model(
-                self.backbone, self.class_names, self.images, indices, labels, self.config.phase1, seed,
-                self.config.num_workers, lambda f, m: report(0.1 + 0.9 * f, m))
+                self.backbone, self.class_names, images, indices, labels, self.config.phase1, seed,
+                lambda f, m: report(0.1 + 0.9 * f, m))
             return {"state": model.state_dict(), "history": history, "indices": indices, "labels": labels}
 
         saved = self._stage(stage, train)
@@ -205,8 +222,8 @@ class _Run:
 
         def train(report):
             model, history = train_prompt_model(
-                self.backbone, self.class_names, self.images, zero_shot["s_star_indices"],
-                zero_shot["s_star_labels"], self.config.phase1, self._seed(which), self.config.num_workers, report)
+                self.backbone, self.class_names, self._source("train", self.backbone), zero_shot["s_star_indices"],
+                zero_shot["s_star_labels"], self.config.phase1, self._seed(which), report)
             return {"state": model.state_dict(), "history": history}
 
         saved = self._stage(stage, train)
@@ -216,10 +233,11 @@ class _Run:
         return model.eval()
 
     def _filter(self, prompt_models: list[PromptModel], report) -> dict[str, Any]:
+        images = self._source("train", self.backbone)
         scores = []
         for i, model in enumerate(prompt_models):
-            scores.append(score_images(model, self.backbone, self.images, self.config.eval_batch_size,
-                                       self.config.num_workers, lambda f, m, i=i: report((i + f) / 2, m)))
+            scores.append(score_images(model, self.backbone, images, self.config.eval_batch_size,
+                                       lambda f, m, i=i: report((i + f) / 2, m)))
         (pos1, neg1), (pos2, neg2) = scores
         labels1, labels2 = pos1.argmax(dim=1), pos2.argmax(dim=1)
         scale = self.backbone.logit_scale
@@ -235,7 +253,10 @@ class _Run:
             "clean": [clean1, clean2],
             "p_clean": [clean_probability(pos2[rows, labels1], neg2[rows, labels1], scale),
                         clean_probability(pos1[rows, labels2], neg1[rows, labels2], scale)],
-            "phase1_predictions": [pos1.softmax(dim=1), pos2.softmax(dim=1)],
+            # Each labelling model's own confidence in its label (the positive prompts' softmax at
+            # CLIP's temperature): the baseline a filter must beat.
+            "confidence": [(pos1 * scale).softmax(dim=1).max(dim=1).values,
+                           (pos2 * scale).softmax(dim=1).max(dim=1).values],
         }
 
     def _phase2_backbone(self) -> Backbone:
@@ -256,9 +277,9 @@ class _Run:
 
         def train(report):
             model = fresh_model()
-            history = fine_tune(model, backbone, self.images, filtered["labels"][which - 1],
-                                filtered["clean"][which - 1], self.config.phase2, self._seed(which) + 1,
-                                self.config.num_workers, report, extra_loss=self._contrastive(model, backbone))
+            history = fine_tune(model, backbone, self._source("train", backbone), filtered["labels"][which - 1],
+                                filtered["clean"][which - 1], self.config.phase2, self._seed(which) + 1, report,
+                                contrastive=self._contrastive(model, backbone))
             return {"state": model.state_dict(), "history": history}
 
         saved = self._stage(stage, train)
@@ -274,16 +295,17 @@ class _Run:
             return None
         batch = self.config.phase2.batch_size
         length = plus.queue_size or queue_size(len(self.images), batch, plus.queue_max)
-        return MomentumContrast(model.visual, self.images, backbone.preprocess_cfg, backbone.device,
-                                backbone.model_cfg["embed_dim"], momentum=plus.momentum,
-                                temperature=plus.temperature, weight=plus.contrastive_weight,
-                                queue_length=length, hflip=self.config.phase2.hflip)
+        return MomentumContrast(model.visual, backbone.model_cfg["embed_dim"], backbone.preprocess_cfg,
+                                backbone.device, momentum=plus.momentum, temperature=plus.temperature,
+                                weight=plus.contrastive_weight, queue_length=length, hflip=self.config.phase2.hflip,
+                                query_view=plus.query_view)
 
     def _finish(self, members, backbone: Backbone, zero_shot: dict, filtered: dict | None = None,
                 prompt_models: list[PromptModel] | None = None) -> AdaptResult:
         report = self.tracker.reporter("finish")
         classifier = Classifier(members, self.class_names, backbone.model_cfg, backbone.preprocess_cfg)
-        predictions = classifier.predict(self.unlabeled_images, self.config.eval_batch_size)
+        on_all = classifier.predict(self._source("train", backbone), self.config.eval_batch_size)
+        predictions = Predictions(self.class_names, on_all.probabilities[:self.unlabeled])
         report(0.5, "predicting")
         self.metrics.update(self._quality_signals(zero_shot, filtered, predictions))
         if self.evaluation is not None:
@@ -300,7 +322,7 @@ class _Run:
                            {**self._selections(zero_shot, filtered), **self.round_selections})
 
     def _selections(self, zero_shot: dict, filtered: dict | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        labels = zero_shot["probabilities"][:self.unlabeled].argmax(dim=1)
+        labels = zero_shot["labels"][:self.unlabeled]
         selections = {"zero_shot": (torch.arange(len(labels)), labels)}
         if "s_star_indices" in zero_shot:
             selections["s_star"] = (zero_shot["s_star_indices"], zero_shot["s_star_labels"])
@@ -314,15 +336,14 @@ class _Run:
 
     def _quality_signals(self, zero_shot: dict, filtered: dict | None, predictions: Predictions) -> dict[str, Any]:
         num_classes = len(self.class_names)
-        zero_shot = {**zero_shot, "probabilities": zero_shot["probabilities"][:self.unlabeled]}
-        zero_shot_counts = torch.bincount(zero_shot["probabilities"].argmax(dim=1), minlength=num_classes)
+        zero_shot_counts = torch.bincount(zero_shot["labels"][:self.unlabeled], minlength=num_classes)
         final_counts = torch.bincount(predictions.indices, minlength=num_classes)
         probabilities = predictions.probabilities.clamp_min(1e-12)
         signals: dict[str, Any] = {
             "zero_shot_class_counts": dict(zip(self.class_names, zero_shot_counts.tolist())),
             "final_class_counts": dict(zip(self.class_names, final_counts.tolist())),
             "prediction_entropy": float(-(probabilities * probabilities.log()).sum(dim=1).mean()),
-            "zero_shot_mean_confidence": float(zero_shot["probabilities"].max(dim=1).values.mean()),
+            "zero_shot_mean_confidence": float(zero_shot["confidence"][:self.unlabeled].mean()),
             "final_mean_confidence": float(predictions.probabilities.max(dim=1).values.mean()),
             "prompt_source": zero_shot.get("prompt_source", "template"),
         }
@@ -344,22 +365,24 @@ class _Run:
 
     def _accuracies(self, classifier: Classifier, zero_shot: dict, prompt_models: list[PromptModel]) -> dict[str, Any]:
         """True accuracy on the labelled holdout of zero-shot, each Phase I and II model, and the final."""
-        images, truth = self.evaluation.images, self.evaluation.labels.cpu()
+        truth = self.evaluation.labels.cpu()
         batch_size = self.config.eval_batch_size
-        eval_features = self._encode(self.backbone, None, images)
+        images = self._source("eval", self.backbone)
+        eval_features = self._encode(self.backbone, images)
         zero_shot_predicted = (eval_features @ zero_shot["text_features"].to(eval_features.device).T).argmax(dim=1)
         accuracy = {"zero_shot": _accuracy(zero_shot_predicted, truth)}
         for i, model in enumerate(prompt_models, start=1):
-            s_pos, _ = score_images(model, self.backbone, images, batch_size, self.config.num_workers)
+            s_pos, _ = score_images(model, self.backbone, images, batch_size)
             accuracy[f"phase1_model{i}"] = _accuracy(s_pos.argmax(dim=1), truth)
             for round_, earlier in enumerate(self.round_models.get(i, [])[:-1], start=1):  # CoFT+'s earlier rounds
-                s_pos, _ = score_images(earlier, self.backbone, images, batch_size, self.config.num_workers)
+                s_pos, _ = score_images(earlier, self.backbone, images, batch_size)
                 accuracy[f"phase1_model{i}_round{round_}"] = _accuracy(s_pos.argmax(dim=1), truth)
+        phase2_images = self._source("eval", self._phase2_backbone_of(classifier))
         if len(classifier.members) > 1:
             for i in range(len(classifier.members)):
-                accuracy[f"phase2_model{i + 1}"] = _accuracy(classifier.member(i).predict(images, batch_size).indices,
-                                                             truth)
-        accuracy["final"] = _accuracy(classifier.predict(images, batch_size).indices, truth)
+                accuracy[f"phase2_model{i + 1}"] = _accuracy(
+                    classifier.member(i).predict(phase2_images, batch_size).indices, truth)
+        accuracy["final"] = _accuracy(classifier.predict(phase2_images, batch_size).indices, truth)
         return accuracy
 
     # -- helpers -------------------------------------------------------------------------------
@@ -370,28 +393,49 @@ class _Run:
         templates = TEMPLATE_ENSEMBLE if settings.ensemble else [settings.template]
         return class_text_features(backbone, self.class_names, templates)
 
-    def _encode(self, backbone: Backbone, report, images=None) -> torch.Tensor:
-        images = self.images if images is None else images
-        done = [0]
+    def _source(self, which: str, backbone: Backbone, report=None) -> ImageSource:
+        """The images (`which` "train": U, then any labelled shots; "eval": the holdout) as `backbone`
+        sees them, decoded once per geometry."""
+        given = self.images if which == "train" else self.evaluation.images
+        if isinstance(given, ImageSource):
+            if backbone.preprocess_cfg != self.backbone.preprocess_cfg:
+                raise ValueError("an ImageSource serves one geometry; a Phase II backbone with other "
+                                 "preprocessing needs PIL images")
+            return given
+        key = (which, json.dumps(backbone.preprocess_cfg, sort_keys=True), str(backbone.device))
+        if key not in self.sources:
+            directory = self.checkpoints.directory / "images" if self.checkpoints is not None else None
+            trains = which == "train" and self.method != "zero-shot"  # else test-time rows are all it needs
+            self.sources[key] = cached_images(
+                given, backbone.preprocess_cfg, backbone.device, directory=directory,
+                train_scale=self.config.cache_scale if trains else None, threads=self.config.decode_threads,
+                report=report, fingerprint=self.images_fingerprint if which == "train" else None)
+        return self.sources[key]
 
-        def on_batch(n):
-            done[0] += n
-            if report is not None:
-                report(done[0] / len(images), "encoding images")
+    def _phase2_backbone_of(self, classifier: Classifier) -> Backbone:
+        """The backbone whose geometry the classifier's members read (the Phase II one)."""
+        if classifier.preprocess_cfg == self.backbone.preprocess_cfg:
+            return self.backbone
+        return self._phase2_backbone()
 
-        def encode(pixels):
-            with backbone.autocast():
-                return torch.nn.functional.normalize(backbone.model.encode_image(pixels).float(), dim=-1)
-
-        return map_batches(encode, images, backbone.eval_transform(), self.config.eval_batch_size, backbone.device,
-                           self.config.num_workers, on_batch).to(backbone.device)
+    def _encode(self, backbone: Backbone, images: ImageSource, report=None) -> torch.Tensor:
+        """[N, D] unit-norm embeddings of the frozen backbone, test-time view, on its device."""
+        features = []
+        with torch.no_grad():
+            for positions in in_order(len(images), self.config.eval_batch_size):
+                with backbone.autocast():
+                    embedded = backbone.model.encode_image(images.test_view(positions))
+                features.append(torch.nn.functional.normalize(embedded.float(), dim=-1))
+                if report is not None:
+                    report(int(positions[-1] + 1) / len(images), "encoding images")
+        return torch.cat(features)
 
     def _seed(self, which: int) -> int:
         return self.config.seed * 1000 + which * 10
 
-    def _stage(self, name: str, compute):
+    def _stage(self, name: str, compute, checkpointed: bool = True):
         """Run a stage, or load its checkpoint when a previous attempt finished it."""
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and checkpointed:
             saved = self.checkpoints.load(name)
             if saved is not None:
                 self.tracker.emit(name, 1.0, "resumed from checkpoint")
@@ -402,7 +446,7 @@ class _Run:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed * 1000 + list(self.tracker.weights).index(name))
             result = compute(self.tracker.reporter(name))
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and checkpointed:
             self.checkpoints.save(name, result)
         self.tracker.emit(name, 1.0, "done")
         return result
@@ -410,7 +454,7 @@ class _Run:
     def _stage_costs(self) -> dict[str, float]:
         """Expected cost of each stage, in image forward passes (a training step counts three)."""
         n = len(self.images)
-        costs = {"zero-shot": float(n)}
+        costs = {"decode": 0.5 * n, "zero-shot": float(n)}
         if self.method in ("coft", "coft+"):
             plus = self.method == "coft+"
             s_star = min(n, len(self.class_names) * self.config.pseudo_labels.top_k) + len(self.shot_labels)
@@ -421,23 +465,23 @@ class _Run:
                     costs[f"phase1-model{i}-round{round_}"] = n + 3.0 * self.config.phase1.epochs * (
                         round_s_star + len(self.shot_labels))
             costs["filter"] = 2.0 * n
-            # the contrastive term adds a query pass with gradient and a key pass without, on all of U
-            contrastive = 4.0 if plus and self.config.coft_plus.contrastive else 0.0
+            # CE on the clean ~70%; the contrastive term adds a key pass without gradient on all of U and a
+            # query pass with gradient, or, when the query shares the CE view, turns the CE pass into one on all.
+            per_image = 3.0 * 0.7
+            if plus and self.config.coft_plus.contrastive:
+                per_image = 3.0 + 1.0 if self.config.coft_plus.query_view == "ce" else per_image + 3.0 + 1.0
             for i in (1, 2):
-                costs[f"phase2-model{i}"] = (3.0 * 0.7 + contrastive) * self.config.phase2.epochs * n
+                costs[f"phase2-model{i}"] = per_image * self.config.phase2.epochs * n
         costs["finish"] = 2.0 * n
         return costs
 
     def _fingerprint(self) -> str:
         """Identifies the inputs, so a checkpoint directory is only resumed by the same run."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps({"method": self.method, "classes": self.class_names, "config": self.config.to_dict(),
-                                  "backbone": [self.backbone.model_id, self.backbone.pretrained],
-                                  "num_images": len(self.images), "descriptions": self.descriptions,
-                                  "shot_labels": self.shot_labels.tolist()}, sort_keys=True).encode())
-        for image in (self.images[0], self.images[len(self.images) - 1]):
-            digest.update(image.tobytes()[:4096])
-        return digest.hexdigest()
+        return hashlib.sha256(json.dumps({
+            "format": CHECKPOINT_FORMAT, "method": self.method, "classes": self.class_names,
+            "config": self.config.to_dict(), "backbone": [self.backbone.model_id, self.backbone.pretrained],
+            "images": self.images_fingerprint, "descriptions": self.descriptions,
+            "shot_labels": self.shot_labels.tolist()}, sort_keys=True).encode()).hexdigest()
 
 
 def _accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
@@ -445,7 +489,8 @@ def _accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 class _Checkpoints:
-    """Stage results as files `<stage>.pt` in a directory, written atomically."""
+    """Stage results as files `<stage>.pt` in a directory, written atomically; the decoded-image
+    caches of the run in its `images/` folder. Another run's files are removed on arrival."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str):
         self.directory = Path(directory)
@@ -454,6 +499,7 @@ class _Checkpoints:
         if marker.exists() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
             for stale in self.directory.glob("*.pt"):
                 stale.unlink()
+            shutil.rmtree(self.directory / "images", ignore_errors=True)
         marker.write_text(json.dumps({"fingerprint": fingerprint}))
 
     def load(self, stage: str):
@@ -482,8 +528,14 @@ class _Concat(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        return self.decode(index)
+
+    def decode(self, index: int, at_least: tuple[int, int] | None = None) -> Image.Image:
+        """Image `index`, decoded at a reduced scale where the part allows it (coft.data.ImageSet)."""
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return self.first[index] if index < len(self.first) else self.second[index - len(self.first)]
+        part, offset = (self.first, index) if index < len(self.first) else (self.second, index - len(self.first))
+        decode = getattr(part, "decode", None)
+        return decode(offset, at_least) if decode is not None else part[offset]

@@ -83,3 +83,11 @@ def draw_image(index: int, size: int = 32) -> Image.Image:
 @pytest.fixture(scope="session")
 def tiny_images() -> list[Image.Image]:
     return [draw_image(i) for i in range(8)]
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_backbone, tiny_images):
+    """tiny_images as the stages read them: decoded once into a (temporary) cache."""
+    from coft.image_cache import cached_images
+
+    return cached_images(tiny_images, tiny_backbone.preprocess_cfg, tiny_backbone.device)

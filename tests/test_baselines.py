@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from coft.baselines import (CoOpConfig, FixMatchConfig, LinearProbeConfig, UPLConfig, align_distribution, coop,
-                            fixmatch, linear_probe, sample_shots, strong_transform, upl, zero_shot)
+                            fixmatch, linear_probe, sample_shots, upl, zero_shot)
+from coft.augment import StrongAugmentation
 from coft.classifier import Classifier
 from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
 
@@ -82,9 +83,14 @@ def test_distribution_alignment_evens_out_a_collapsing_marginal():
     torch.testing.assert_close(aligned[0], expected / expected.sum())
 
 
-def test_strong_view_is_random(tiny_backbone, tiny_images):
-    transform = strong_transform(tiny_backbone.preprocess_cfg, FixMatchConfig())
-    assert not torch.equal(transform(tiny_images[0]), transform(tiny_images[0]))
+def test_strong_view_is_random(tiny_backbone, tiny_source):
+    config = FixMatchConfig()
+    strong = StrongAugmentation(tiny_backbone.preprocess_cfg, config.crop_scale_min, config.hflip,
+                                config.randaugment_ops, config.randaugment_magnitude)
+    pixels = tiny_source.pixels(torch.tensor([0, 0]))
+    first, second = tiny_source.view(pixels, strong), tiny_source.view(pixels, strong)
+    assert first.shape == (2, 3, 32, 32)
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first, second)
 
 
 @pytest.mark.parametrize("shots", [1, 2, 4])

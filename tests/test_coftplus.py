@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from coft.config import CoFTConfig, CoFTPlusConfig
-from coft.contrastive import KeyQueue, MomentumContrast, ema_update, info_nce, moco_v2_transform, queue_size
+from coft.contrastive import KeyQueue, MomentumContrast, ema_update, info_nce, queue_size
 from coft.descriptions import (ENSEMBLE, LLM, USER, DescriptionError, LLMEndpoint, load_descriptions,
                                resolve_descriptions)
 from coft.phase1 import train_prompt_model
@@ -105,21 +105,27 @@ def test_info_nce_by_hand():
     assert far < 1e-10
 
 
-def test_momentum_contrast_step(tiny_backbone, tiny_images):
+def test_momentum_contrast_step(tiny_backbone, tiny_source):
     from coft.classifier import ImageClassifier, text_head
 
     visual = __import__("copy").deepcopy(tiny_backbone.model.visual).requires_grad_(True)
     model = ImageClassifier(visual, text_head(torch.randn(3, 32), 10.0))
-    term = MomentumContrast(model.visual, tiny_images, tiny_backbone.preprocess_cfg, torch.device("cpu"), 32,
+    term = MomentumContrast(model.visual, 32, tiny_backbone.preprocess_cfg, torch.device("cpu"),
                             momentum=0.5, temperature=0.07, weight=0.1, queue_length=8)
+
+    def step(indices):
+        pixels = tiny_source.pixels(torch.tensor(indices))
+        queries = model.embed(tiny_source.view(pixels, term.augmentation))
+        return term(model.visual, queries, tiny_source.view(pixels, term.augmentation))
+
     key_before = [p.clone() for p in term.key_encoder.parameters()]
-    loss = term(model, torch.tensor([0, 1, 2, 3]))
+    loss = step([0, 1, 2, 3])
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # empty queue: nothing to contrast yet
     assert term.queue.filled == 4
     with torch.no_grad():  # the encoder moves, as an optimiser step would
         for p in model.visual.parameters():
             p.add_(0.01)
-    loss = term(model, torch.tensor([4, 5, 6, 7]))
+    loss = step([4, 5, 6, 7])
     assert loss.item() > 0 and loss.requires_grad
     loss.backward()
     assert all(p.grad is None for p in term.key_encoder.parameters())  # keys carry no gradient
@@ -130,18 +136,12 @@ def test_momentum_contrast_step(tiny_backbone, tiny_images):
     assert term.queue.filled == 8
 
 
-def test_moco_v2_views_differ(tiny_backbone, tiny_images):
-    transform = moco_v2_transform(tiny_backbone.preprocess_cfg, hflip=False)
-    torch.manual_seed(0)
-    a, b = transform(tiny_images[0]), transform(tiny_images[0])
-    assert a.shape == (3, 32, 32) and not torch.equal(a, b)
-
-
 # --------------------------------------------------------------------------- iterative Phase I
 
 
 @pytest.mark.parametrize("round_top_k, round2_k", [("constant", 2), ("grow", 4)])
-def test_rounds_reinitialise_and_train_on_the_previous_rounds_top_k(tiny_backbone, tiny_images, round_top_k, round2_k):
+def test_rounds_reinitialise_and_train_on_the_previous_rounds_top_k(tiny_backbone, tiny_images, tiny_source,
+                                                                    round_top_k, round2_k):
     config = tiny_config(coft_plus={"round_top_k": round_top_k})
     result = adapt(tiny_images, CLASSES, method="coft+", backbone=tiny_backbone, config=config)
     assert "phase1_model1_round2_losses" in result.metrics
@@ -152,7 +152,7 @@ def test_rounds_reinitialise_and_train_on_the_previous_rounds_top_k(tiny_backbon
 
     run = _Run(tiny_images, CLASSES, "coft+", tiny_backbone, config, None, None, None)
     round2_seed = run._seed(1) + 100
-    fresh, _ = train_prompt_model(tiny_backbone, CLASSES, tiny_images, indices, labels, config.phase1, round2_seed)
+    fresh, _ = train_prompt_model(tiny_backbone, CLASSES, tiny_source, indices, labels, config.phase1, round2_seed)
     zero_shot = run._stage("zero-shot", run._zero_shot)
     round1 = run._phase1_model(1, zero_shot)
     round2 = run._phase1_round(1, 2, round1)
@@ -162,7 +162,7 @@ def test_rounds_reinitialise_and_train_on_the_previous_rounds_top_k(tiny_backbon
     # ... and round 2's S* is the top-K (top-2K when growing) of round 1's positive-prompt softmax
     from coft.phase1 import score_images
 
-    s_pos, _ = score_images(round1, tiny_backbone, tiny_images, 8)
+    s_pos, _ = score_images(round1, tiny_backbone, tiny_source, 8)
     expected_indices, expected_labels = top_k_per_class((s_pos * round1.scale).softmax(dim=1), round2_k)
     if round_top_k == "grow":  # the tiny set is large enough for 2K to differ from K
         assert len(indices) > len(top_k_per_class((s_pos * round1.scale).softmax(dim=1), 2)[0])
@@ -174,7 +174,7 @@ def test_coft_plus_runs_end_to_end_with_contrastive_phase2(tiny_backbone, tiny_i
     result = adapt(tiny_images, CLASSES, method="coft+", backbone=tiny_backbone, config=tiny_config(),
                    progress=events.append)
     stages = list(dict.fromkeys(e.stage for e in events))
-    assert stages == ["zero-shot", "phase1-model1", "phase1-model1-round2", "phase1-model2", "phase1-model2-round2",
+    assert stages == ["decode", "zero-shot", "phase1-model1", "phase1-model1-round2", "phase1-model2", "phase1-model2-round2",
                       "filter", "phase2-model1", "phase2-model2", "finish"]
     assert events[-1].fraction == pytest.approx(1.0)
     assert result.metrics["prompt_source"] == ENSEMBLE  # no descriptions, no LLM

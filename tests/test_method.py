@@ -205,7 +205,7 @@ def test_validated_by_both_directions_uses_the_other_models_scores():
     assert validated_by(labels1, pos1, neg1).tolist() == [True, False, False]
 
 
-def test_pipeline_filter_lets_each_model_judge_the_other(tiny_backbone, tiny_images):
+def test_pipeline_filter_lets_each_model_judge_the_other(tiny_backbone, tiny_images, tiny_source):
     """The pipeline's filter: model 1 labels U with its positive prompts and model 2 validates, and back."""
     from coft.phase1 import score_images
     from coft.pipeline import _Run
@@ -215,7 +215,7 @@ def test_pipeline_filter_lets_each_model_judge_the_other(tiny_backbone, tiny_ima
               for seed in (1, 2)]
     run = _Run(tiny_images, CLASSES, "coft", tiny_backbone, config, None, None, None)
     filtered = run._filter(models, lambda fraction, message: None)
-    (pos1, neg1), (pos2, neg2) = [score_images(m, tiny_backbone, tiny_images, 8) for m in models]
+    (pos1, neg1), (pos2, neg2) = [score_images(m, tiny_backbone, tiny_source, 8) for m in models]
     labels1, labels2 = pos1.argmax(dim=1), pos2.argmax(dim=1)
     assert torch.equal(filtered["labels"][0], labels1) and torch.equal(filtered["labels"][1], labels2)
     assert torch.equal(filtered["clean"][0], validated_by(labels1, pos2, neg2))
@@ -228,13 +228,13 @@ def test_pipeline_filter_lets_each_model_judge_the_other(tiny_backbone, tiny_ima
 # --------------------------------------------------------------------------- Phase I
 
 
-def test_phase1_trains_only_prompts_and_visual_tokens(tiny_backbone, tiny_images):
+def test_phase1_trains_only_prompts_and_visual_tokens(tiny_backbone, tiny_images, tiny_source):
     before = clip_parameters(tiny_backbone.model)
     config = Phase1Config(**TINY_PHASE1)
     initial = PromptModel(tiny_backbone, CLASSES, config, seed=11).state_dict()
     initial = {k: v.clone() for k, v in initial.items()}
     indices, labels = torch.arange(6), torch.tensor([0, 1, 2, 0, 1, 2])
-    model, history = train_prompt_model(tiny_backbone, CLASSES, tiny_images, indices, labels, config, seed=11)
+    model, history = train_prompt_model(tiny_backbone, CLASSES, tiny_source, indices, labels, config, seed=11)
 
     after = clip_parameters(tiny_backbone.model)
     assert before.keys() == after.keys()
@@ -348,13 +348,13 @@ def _phase2_model(backbone) -> ImageClassifier:
 PHASE2 = Phase2Config(epochs=1, batch_size=4, lr=0.01, weight_decay=0.0)
 
 
-def test_phase2_fine_tunes_the_whole_visual_encoder_and_head(tiny_backbone, tiny_images):
+def test_phase2_fine_tunes_the_whole_visual_encoder_and_head(tiny_backbone, tiny_images, tiny_source):
     original = clip_parameters(tiny_backbone.model.visual)
     model = _phase2_model(tiny_backbone)
     start = clip_parameters(model)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     torch.manual_seed(0)
-    history = fine_tune(model, tiny_backbone, tiny_images, labels, torch.ones(8, dtype=torch.bool), PHASE2, seed=3)
+    history = fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool), PHASE2, seed=3)
     end = clip_parameters(model)
     unchanged = [name for name in start if torch.equal(start[name], end[name])]
     assert unchanged == [], f"Phase II left these weights untouched: {unchanged}"
@@ -365,13 +365,13 @@ def test_phase2_fine_tunes_the_whole_visual_encoder_and_head(tiny_backbone, tiny
     assert not any(p.requires_grad for p in tiny_backbone.model.parameters())
 
 
-def test_phase2_rejected_samples_do_not_contribute(tiny_backbone, tiny_images):
+def test_phase2_rejected_samples_do_not_contribute(tiny_backbone, tiny_images, tiny_source):
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     # nothing clean: no step at all (weight decay would otherwise move the weights)
     model = _phase2_model(tiny_backbone)
     start = clip_parameters(model)
     config = Phase2Config(epochs=1, batch_size=4, lr=0.01)
-    history = fine_tune(model, tiny_backbone, tiny_images, labels, torch.zeros(8, dtype=torch.bool), config, seed=3)
+    history = fine_tune(model, tiny_backbone, tiny_source, labels, torch.zeros(8, dtype=torch.bool), config, seed=3)
     for name, value in clip_parameters(model).items():
         assert torch.equal(value, start[name])
     assert history == [{"epoch": 1, "ce": None}]  # no loss was computed, so none is reported
@@ -383,13 +383,13 @@ def test_phase2_rejected_samples_do_not_contribute(tiny_backbone, tiny_images):
     for batch_labels in (labels, other_labels):
         model = _phase2_model(tiny_backbone)
         torch.manual_seed(0)
-        fine_tune(model, tiny_backbone, tiny_images, batch_labels, clean, config, seed=3)
+        fine_tune(model, tiny_backbone, tiny_source, batch_labels, clean, config, seed=3)
         results.append(model.state_dict())
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
 
 
-def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_backbone, tiny_images):
+def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_backbone, tiny_images, tiny_source):
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     clean = torch.ones(8, dtype=torch.bool)
     trained = {}
@@ -397,7 +397,7 @@ def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_bac
         model = _phase2_model(tiny_backbone)
         start = clip_parameters(model)
         torch.manual_seed(0)
-        fine_tune(model, tiny_backbone, tiny_images, labels, clean,
+        fine_tune(model, tiny_backbone, tiny_source, labels, clean,
                   dataclasses.replace(PHASE2, weight_interpolation=fraction), seed=3)
         trained[fraction] = clip_parameters(model)
     moved = 0
@@ -492,6 +492,7 @@ def test_predictions_top_k_is_ordered():
 
 
 def test_zero_shot_adapt_equals_zero_shot_clip(tiny_backbone, tiny_images):
+    """The run reads its decoded cache, whose test rows are open_clip's own test-time transform."""
     result = adapt(tiny_images, CLASSES, method="zero-shot", backbone=tiny_backbone, config=tiny_config())
     clip = tiny_backbone.model
     with torch.no_grad():
@@ -514,8 +515,8 @@ def test_coft_adapt_runs_with_progress_and_quality_signals(tiny_backbone, tiny_i
     assert fractions[-1] == pytest.approx(1.0)
     assert all(0.0 <= f <= 1.0 + 1e-9 for f in fractions)
     stages = list(dict.fromkeys(e.stage for e in events))
-    assert stages == ["zero-shot", "phase1-model1", "phase1-model2", "filter", "phase2-model1", "phase2-model2",
-                      "finish"]
+    assert stages == ["decode", "zero-shot", "phase1-model1", "phase1-model2", "filter", "phase2-model1",
+                      "phase2-model2", "finish"]
     metrics = result.metrics
     for key in ("s_star_size", "clean_fraction_model1", "clean_fraction_model2", "agreement"):
         assert key in metrics
