@@ -23,6 +23,7 @@ import unicodedata
 import zipfile
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -53,6 +54,11 @@ _DECOMPRESSORS: dict[bytes, Callable[[BinaryIO], BinaryIO]] = {
 # What the standard library raises on garbled archives (ValueError: e.g. a negative seek from a
 # garbled zip offset; DataError is a ValueError too, so callers re-raise it before catching these).
 _CORRUPT_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
+
+
+def default_threads() -> int:
+    """Every core this process may run on (a container's or taskset's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -158,12 +164,15 @@ class LabelledImageSet:
     class_names: list[str]
 
 
-def open_images(source: str | os.PathLike | bytes | BinaryIO, *, limits: DataLimits = DataLimits()) -> ImageSet:
+def open_images(source: str | os.PathLike | bytes | BinaryIO, *, limits: DataLimits = DataLimits(),
+                verify: bool = True) -> ImageSet:
     """A folder (recursive; hidden files/dirs like .DS_Store, __MACOSX skipped silently), a zip, or
     a tar (optionally gzip/bzip2/xz compressed), given as a path, raw bytes, or a binary file object
     (read from its start). Archives are recognised by content, not by file name.
 
-    Every candidate file is decoded once here, so bad files land in `rejected` with a reason.
+    Every candidate file is decoded here (in parallel threads), so bad files land in `rejected`
+    with a reason. `verify=False` checks only each file's header: for a dataset validated before
+    (the service validates on upload), whose pixels the run decodes once anyway.
     Archive-level hostility raises DataError; so does a result without a single usable image.
     """
     collector = _Collector(limits)
@@ -187,7 +196,7 @@ def open_images(source: str | os.PathLike | bytes | BinaryIO, *, limits: DataLim
         _collect_archive(source, collector)
     else:
         raise TypeError(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
-    return collector.image_set()
+    return collector.image_set(verify)
 
 
 def normalise_class_name(name: str) -> str:
@@ -204,13 +213,14 @@ def open_labelled_images(
     *,
     limits: DataLimits = DataLimits(),
     class_names: Sequence[str] | None = None,
+    verify: bool = True,
 ) -> LabelledImageSet:
     """`root/<class name>/**/image`. If the root holds a single folder that itself contains only
     folders (a user zipped the dataset folder), descend into it once. With `class_names`, folders
     are matched to them after `normalise_class_name`; a folder matching none is a DataError, since
     silently dropping it would skew the evaluation. Files directly in the root are rejected.
     """
-    images = open_images(source, limits=limits)
+    images = open_images(source, limits=limits, verify=verify)
     wanted: dict[str, int] | None = None
     if class_names is not None:
         wanted = {normalise_class_name(n): i for i, n in enumerate(class_names)}
@@ -270,11 +280,13 @@ def decode_image(data: bytes, *, limits: DataLimits = DataLimits()) -> Image.Ima
         raise DataError("unusable-image", unusable.reason) from None
 
 
-def _decode(source: bytes | str, limits: DataLimits, at_least: tuple[int, int] | None = None) -> Image.Image:
+def _decode(source: bytes | str, limits: DataLimits, at_least: tuple[int, int] | None = None,
+            header_only: bool = False) -> Image.Image | None:
     """Fully decode one image to RGB, or raise _Unusable with a reason a user can act on.
 
     `at_least` (width, height) lets a JPEG decode at the smallest DCT scale that still covers it
     (in either orientation, as EXIF rotation comes after); the whole file is still read and checked.
+    `header_only` checks the format and size and returns None, decoding nothing.
     """
     try:
         fp: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
@@ -288,6 +300,8 @@ def _decode(source: bytes | str, limits: DataLimits, at_least: tuple[int, int] |
                 width, height = img.size
                 if width * height > limits.max_image_pixels:
                     raise _Unusable(f"image too large ({width}x{height} = {width * height} pixels)")
+                if header_only:
+                    return None
                 if at_least is not None:
                     side = max(at_least)
                     img.draft(img.mode, (side, side))  # a no-op for formats other than JPEG
@@ -315,9 +329,24 @@ class _Collector:
 
     def __init__(self, limits: DataLimits):
         self.limits = limits
+        self.candidates: list[tuple[str, bytes | str]] = []
         self.accepted: dict[str, bytes | str] = {}
         self.rejected: list[RejectedFile] = []
         self._seen: set[str] = set()
+
+    def _decodes(self, source: bytes | str) -> str | None:
+        try:
+            _decode(source, self.limits, at_least=(1, 1))
+        except _Unusable as e:
+            return e.reason
+        return None
+
+    def _header_fits(self, source: bytes | str) -> str | None:
+        try:
+            _decode(source, self.limits, header_only=True)
+        except _Unusable as e:
+            return e.reason
+        return None
 
     def wants(self, path: str, in_archive: bool) -> bool:
         """Whether to read and decode `path`; records why not, unless it is clutter."""
@@ -336,19 +365,24 @@ class _Collector:
         return True
 
     def add(self, path: str, source: bytes | str) -> None:
-        try:
-            _decode(source, self.limits)
-        except _Unusable as e:
-            self.reject(path, e.reason)
-            return
-        self.accepted[path] = source
-        if len(self.accepted) > self.limits.max_images:
-            raise DataError("too-many-images", f"more than {self.limits.max_images} images")
+        self.candidates.append((path, source))
 
     def reject(self, path: str, reason: str) -> None:
         self.rejected.append(RejectedFile(path, reason))
 
-    def image_set(self) -> ImageSet:
+    def image_set(self, verify: bool = True) -> ImageSet:
+        """Check every candidate, in parallel threads: decoded whole (`verify`, at the smallest JPEG
+        scale, which still reads and checks every byte), or only its header."""
+        check = self._decodes if verify else self._header_fits
+        with ThreadPoolExecutor(max_workers=default_threads()) as pool:
+            reasons = list(pool.map(check, [source for _, source in self.candidates]))
+        for (path, source), reason in zip(self.candidates, reasons):
+            if reason is None:
+                self.accepted[path] = source
+            else:
+                self.reject(path, reason)
+        if len(self.accepted) > self.limits.max_images:
+            raise DataError("too-many-images", f"more than {self.limits.max_images} images")
         rejected = sorted(self.rejected, key=lambda r: r.path)
         if not self.accepted:
             if not rejected:

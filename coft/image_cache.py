@@ -43,7 +43,7 @@ from torch import nn
 from torchvision import transforms
 
 from coft.augment import input_size, normalize
-from coft.data import DataError
+from coft.data import DataError, default_threads
 
 CACHE_FORMAT = 1
 _CHUNK = 64  # most images per unit of work handed to a decoding thread
@@ -74,11 +74,6 @@ def training_inputs(images: ImageSource, indices: torch.Tensor, augmentation: nn
     if augmentation is None:
         return images.test_view(indices)
     return images.view(images.pixels(indices) if pixels is None else pixels, augmentation)
-
-
-def default_threads() -> int:
-    """Every core this process may run on (a container's or taskset's limit, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def train_size(preprocess_cfg: dict[str, Any], scale: float) -> tuple[int, int]:

@@ -180,6 +180,30 @@ def test_bad_images_are_rejected_with_reasons(tmp_path):
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
+def test_without_verify_only_headers_are_checked(tmp_path):
+    """A dataset validated on upload: a job reads headers only, and a broken file shows when decoded."""
+    write_tree(tmp_path, {"good.png": PNG, "trunc.jpg": JPEG[: len(JPEG) // 2], "spoof.png": b"text" * 50,
+                          "bomb.png": bomb_png(100_000, 100_000)})
+    images = open_images(tmp_path, verify=False)
+    assert images.names == ["good.png", "trunc.jpg"]  # a truncated body has a good header
+    assert set(reasons(images)) == {"spoof.png", "bomb.png"}
+    assert images[0].getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(OSError, match="truncated image"):
+        images[1]
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_request(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((2000, 1500))
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    images = open_images(tmp_path)
+    assert images[0].size == (2000, 1500)
+    reduced = images.decode(0, at_least=(300, 300))
+    assert reduced.size == (500, 375)  # 1/4 scale: the smallest whose short side still covers 300
+    full = np.asarray(images[0].resize(reduced.size, Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(reduced, dtype=np.float32) - full).mean() < 3.0  # the same picture
+
+
 def test_decompression_bomb_is_rejected_without_decoding(tmp_path):
     write_tree(tmp_path, {"bomb.png": bomb_png(100_000, 100_000), "big.png": bomb_png(8000, 8000), "ok.png": PNG})
     images = open_images(tmp_path)  # 1e10 pixels at 3 bytes each would not fit in memory

@@ -130,13 +130,15 @@ class JobRun:
         except Problem as problem:
             raise JobFailure(problem.slug, problem.detail) from None
         config = CoFTConfig.from_dict(job.config)
+        # Datasets were decoded whole when they were uploaded: here only headers are read, and the run
+        # decodes each image once, into its cache.
         with self.storage.local_file(dataset_archive(job.dataset_id)) as path:
-            images = open_images(path, limits=self.settings.data_limits())
+            images = open_images(path, limits=self.settings.data_limits(), verify=False)
         evaluation = None
         if job.eval_dataset_id is not None:
             with self.storage.local_file(dataset_archive(job.eval_dataset_id)) as path:
                 labelled = open_labelled_images(path, class_names=job.class_names,
-                                                limits=self.settings.data_limits())
+                                                limits=self.settings.data_limits(), verify=False)
             evaluation = LabelledImages(labelled.images, torch.tensor(labelled.labels))
         with self.storage.work_dir(job_checkpoints(self.job_id)) as checkpoints:
             result = adapt(images, job.class_names, method=job.method, model=model, pretrained=pretrained,
