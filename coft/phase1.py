@@ -43,7 +43,8 @@ class PromptModel(nn.Module):
     def similarities(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s+, s-): [B, C] cosine similarities to the positive and negative prompts."""
         image = self.image_features(pixels)
-        return cosines(image, self.prompts("positive")), cosines(image, self.prompts("negative"))
+        text_pos, text_neg = self.prompts.both()
+        return cosines(image, text_pos), cosines(image, text_neg)
 
 
 def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: ImageSource, indices: torch.Tensor,
@@ -94,8 +95,7 @@ def _losses(model: PromptModel, pixels, labels, config: Phase1Config, generator:
             others: torch.Tensor | None = None):
     """(L1, L2) on a batch; L2's other class yhat is `others`, or drawn as config.negative_classes says."""
     image = model.image_features(pixels).float()
-    text_pos = model.prompts("positive").float()
-    text_neg = model.prompts("negative").float()
+    text_pos, text_neg = (features.float() for features in model.prompts.both())
     s_pos = cosines(image, text_pos)
     l1 = positive_loss(s_pos, labels, model.scale)
     if others is None:
@@ -119,7 +119,7 @@ def score_images(model: PromptModel, backbone: Backbone, images: ImageSource, ba
     """
     model.eval()
     with backbone.autocast():
-        text_pos, text_neg = model.prompts("positive"), model.prompts("negative")
+        text_pos, text_neg = model.prompts.both()
     scores_pos, scores_neg = [], []
     for positions in in_order(len(images), batch_size):
         with backbone.autocast():

@@ -95,10 +95,20 @@ class PromptLearner(nn.Module):
 
     def forward(self, which: str) -> torch.Tensor:
         """[C, D] unit-norm text features of the positive or negative prompts."""
-        context = {"positive": self.positive, "negative": self.negative}[which]
+        return self._encode([{"positive": self.positive, "negative": self.negative}[which]])[0]
+
+    def both(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) [C, D] text features, from one pass of the text encoder over all 2C prompts."""
+        positive, negative = self._encode([self.positive, self.negative])
+        return positive, negative
+
+    def _encode(self, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
         num_classes = self.prefix.shape[0]
-        embedded = torch.cat([self.prefix, context.unsqueeze(0).expand(num_classes, -1, -1), self.suffix], dim=1)
-        return F.normalize(encode_text_embeddings(self._clip[0], embedded, self.tokens), dim=-1)
+        embedded = torch.cat([torch.cat([self.prefix, context.unsqueeze(0).expand(num_classes, -1, -1), self.suffix],
+                                        dim=1) for context in contexts])
+        tokens = self.tokens.repeat(len(contexts), 1)
+        features = F.normalize(encode_text_embeddings(self._clip[0], embedded, tokens), dim=-1)
+        return list(features.split(num_classes))
 
 
 def encode_text_embeddings(clip: nn.Module, embedded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

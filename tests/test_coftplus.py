@@ -105,6 +105,28 @@ def test_info_nce_by_hand():
     assert far < 1e-10
 
 
+@pytest.mark.parametrize("query_view, passes", [("moco", [4, 8]), ("ce", [8])])
+def test_the_query_view_decides_the_forward_passes_of_phase2(tiny_backbone, tiny_source, query_view, passes):
+    """"moco": CE on the 4 clean samples and a query pass over all 8; "ce": one pass over all 8 serves both."""
+    import copy
+
+    from coft.classifier import ImageClassifier, text_head
+    from coft.config import Phase2Config
+    from coft.phase2 import fine_tune
+
+    model = ImageClassifier(copy.deepcopy(tiny_backbone.model.visual), text_head(torch.randn(3, 32), 10.0))
+    term = MomentumContrast(model.visual, 32, tiny_backbone.preprocess_cfg, torch.device("cpu"), momentum=0.9,
+                            temperature=0.07, weight=0.1, queue_length=8, query_view=query_view)
+    batch_sizes = []
+    model.visual.register_forward_hook(lambda module, inputs, output: batch_sizes.append(len(inputs[0])))
+    clean = torch.tensor([True, False] * 4)
+    history = fine_tune(model, tiny_backbone, tiny_source, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), clean,
+                        Phase2Config(epochs=1, batch_size=8), seed=0, contrastive=term)
+    assert batch_sizes == passes
+    assert history[0]["ce"] is not None and history[0]["extra"] is not None
+    assert term.queue.filled == 8
+
+
 def test_momentum_contrast_step(tiny_backbone, tiny_source):
     from coft.classifier import ImageClassifier, text_head
 
