@@ -69,6 +69,8 @@ def test_sigkilled_worker_is_restarted_and_the_job_resumes_from_its_checkpoints(
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
     assert done["metrics"]["resumed_stages"] == checkpointed
+    assert done["metrics"]["image_cache"]["reused"] is True  # the first attempt's decoded images
+    assert not checkpoints.exists()  # checkpoints and the cache go once the job has ended
     assert api.post(f"/v1/classifiers/{done['classifier_id']}/predict",
                     files=[("images", ("x.png", png(1)))]).status_code == 200
 

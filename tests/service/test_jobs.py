@@ -61,6 +61,18 @@ def test_coft_job_end_to_end(worker_stack, api):
     assert api.get("/v1/jobs", params={"status": "running"}).json()["total"] == 0
 
 
+def test_a_job_decodes_its_images_once_with_several_threads_in_the_worker(worker_stack, api):
+    """Celery's daemonic job processes may not start DataLoader processes; the decoding threads run there."""
+    dataset_id = upload(api, image_zip(48))
+    body = job_body(dataset_id, config={**TINY_CONFIG, "decode_threads": 2})
+    done = wait_terminal(api, api.post("/v1/jobs", json=body).json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    cache = done["metrics"]["image_cache"]
+    assert cache["images"] == 48 and cache["threads"] == 2 and cache["reused"] is False
+    assert cache["bytes"] == 48 * 3 * (32 * 32 + 37 * 37)  # test rows at 32 px, train rows at 1.15 x 32
+    assert cache["images_per_s"] > 0
+
+
 def test_job_validation_problems(stack, api):
     dataset_id = upload(api, image_zip(2))
     eval_id = upload(api, image_zip(4, folder=lambda i: ["cat", "horse"][i % 2]))
