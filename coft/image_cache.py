@@ -236,29 +236,52 @@ def _fill(test_rows: np.ndarray, train_rows: np.ndarray | None, images: Sequence
 
 
 class CachedImages:
-    """An ImageSource over an ImageCache: rows gathered on the CPU, copied to the device through pinned
-    memory without waiting, and turned into model inputs there."""
+    """An ImageSource over an ImageCache, turning rows into model inputs on the device.
 
-    def __init__(self, cache: ImageCache, preprocess_cfg: dict[str, Any], device: torch.device, fingerprint: str):
+    Where the whole cache fits in a quarter of the GPU's free memory (5,000 images at 224 pixels are
+    1.7 GB; an H200 has 140), it is copied there once and a batch is a gather on the GPU. Otherwise
+    rows are gathered on the CPU and copied through pinned memory without waiting.
+    """
+
+    def __init__(self, cache: ImageCache, preprocess_cfg: dict[str, Any], device: torch.device, fingerprint: str,
+                 on_device: bool | None = None):
         self.cache = cache
         self.device = torch.device(device)
         self.normalize = normalize(preprocess_cfg)
         self.fingerprint = fingerprint
+        if on_device is None:
+            on_device = (self.device.type == "cuda"
+                         and cache.stats.bytes <= 0.25 * torch.cuda.mem_get_info(self.device)[0])
+        self.resident = (self._resident(cache.test_rows), self._resident(cache.train_rows)) if on_device else None
+
+    def _resident(self, rows: np.ndarray | None) -> torch.Tensor | None:
+        if rows is None:
+            return None
+        resident = torch.empty(rows.shape, dtype=torch.uint8, device=self.device)
+        for start in range(0, len(rows), 1024):  # in slices: the memory map need not fit in host memory
+            resident[start:start + 1024].copy_(torch.from_numpy(np.array(rows[start:start + 1024])))
+        return resident
 
     def __len__(self) -> int:
         return len(self.cache)
 
-    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
+    def _rows(self, indices: torch.Tensor, train: bool) -> torch.Tensor:
+        if self.resident is not None:
+            rows = self.resident[1 if train else 0]
+            if rows is None:
+                raise ValueError("this cache holds test-time rows only")
+            return rows[indices.to(self.device, non_blocking=True)]
+        rows = self.cache.read(indices, train)
         if self.device.type == "cuda":
             rows = rows.pin_memory()
         return rows.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def test_view(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self._to_device(self.cache.read(indices)).float().div_(255.0))
+        return self.normalize(self._rows(indices, train=False).float().div_(255.0))
 
     def pixels(self, indices: torch.Tensor) -> torch.Tensor:
-        return self._to_device(self.cache.read(indices, train=True))
+        return self._rows(indices, train=True)
 
     @torch.no_grad()
     def view(self, pixels: torch.Tensor, augmentation: nn.Module) -> torch.Tensor:

@@ -68,6 +68,19 @@ def test_test_rows_only_when_nothing_trains(tiny_backbone):
         source.pixels(torch.arange(2))
 
 
+def test_a_cache_held_on_the_device_serves_the_same_inputs(tiny_backbone):
+    from coft.image_cache import CachedImages
+
+    images = photos(5)
+    streamed = cached_images(images, tiny_backbone.preprocess_cfg, "cpu")
+    resident = CachedImages(streamed.cache, tiny_backbone.preprocess_cfg, torch.device("cpu"), streamed.fingerprint,
+                            on_device=True)
+    assert resident.resident is not None and streamed.resident is None  # on a CPU it is opt-in
+    order = torch.tensor([3, 0, 4])
+    assert torch.equal(resident.test_view(order), streamed.test_view(order))
+    assert torch.equal(resident.pixels(order), streamed.pixels(order))
+
+
 def test_each_image_is_decoded_once_and_a_complete_cache_is_reused(tiny_backbone, tmp_path):
     images = CountingImages(photos(10))
     key = "the same ten images"
