@@ -104,7 +104,7 @@ class ReadyInputs:
         return len(self.inputs)
 
     def test_view(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.inputs[indices.to(self.inputs.device)]
+        return self.inputs[indices.to(self.inputs.device, non_blocking=True)]
 
     def pixels(self, indices: torch.Tensor) -> torch.Tensor:
         return self.test_view(indices)

@@ -22,8 +22,8 @@ def clean_probability(s_pos: torch.Tensor, s_neg: torch.Tensor, scale: float) ->
 
 def random_other_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A class drawn uniformly from the C-1 classes that are not the label."""
-    offsets = torch.randint(1, num_classes, labels.shape, generator=generator, device="cpu").to(labels.device)
-    return (labels + offsets) % num_classes
+    offsets = torch.randint(1, num_classes, labels.shape, generator=generator, device="cpu")
+    return (labels + offsets.to(labels.device, non_blocking=True)) % num_classes
 
 
 def confusable_other_labels(logits: torch.Tensor, labels: torch.Tensor,

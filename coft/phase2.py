@@ -48,6 +48,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
             step += 1
             rows = clean[positions].nonzero().squeeze(1)  # the batch's clean rows
             kept = positions[rows]
+            # Copies to the device never wait: a blocking one would stall the host until the GPU drains.
             targets = labels[kept].to(device, non_blocking=True)
             if contrastive is None:
                 if len(kept) == 0:
@@ -62,9 +63,9 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                 with backbone.autocast():
                     if contrastive.shares_ce_view:  # one forward pass: the CE view's embedding is the query
                         embeddings = model.embed(training_inputs(images, positions, augmentation, pixels))
-                        logits, queries = model.head(embeddings[rows.to(device)]), embeddings
+                        logits, queries = model.head(embeddings[rows.to(device, non_blocking=True)]), embeddings
                     else:  # the spec: the query is a MoCo v2 view of its own
-                        clean_pixels = pixels[rows.to(device)]
+                        clean_pixels = pixels[rows.to(device, non_blocking=True)]
                         logits = model(training_inputs(images, kept, augmentation, clean_pixels)) if len(kept) else None
                         queries = model.embed(images.view(pixels, contrastive.augmentation))
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
