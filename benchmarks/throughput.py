@@ -113,6 +113,41 @@ class ReadyInputs:
         return pixels
 
 
+def cache_formats(folder: Path, preprocess_cfg: dict, count: int = 64) -> str:
+    """Why the cache holds raw uint8 rows: their size and read cost next to re-encoded JPEG rows
+    (the other design: small JPEGs, decoded in batches, as torchvision.io.decode_jpeg does)."""
+    from torchvision.io import decode_jpeg
+
+    from coft.image_cache import train_size
+
+    images = open_images(folder)
+    count = min(count, len(images))
+    size = train_size(preprocess_cfg, 1.15)
+    rows = [images[i].resize((size[1], size[0]), Image.Resampling.BICUBIC) for i in range(count)]
+    raw = np.stack([np.asarray(row).transpose(2, 0, 1) for row in rows])
+    blobs = []
+    for row in rows:
+        buffer = io.BytesIO()
+        row.save(buffer, "JPEG", quality=90)
+        blobs.append(torch.tensor(bytearray(buffer.getvalue()), dtype=torch.uint8))
+    with tempfile.TemporaryDirectory() as directory:
+        mapped = np.memmap(Path(directory) / "rows.u8", dtype=np.uint8, mode="w+", shape=raw.shape)
+        mapped[:] = raw
+        order = np.random.default_rng(0).permutation(count)
+        started = time.perf_counter()
+        for _ in range(20):
+            torch.from_numpy(mapped[order])
+        read_us = (time.perf_counter() - started) / 20 / count * 1e6
+        del mapped
+    started = time.perf_counter()
+    for _ in range(3):
+        decode_jpeg(blobs)
+    decode_us = (time.perf_counter() - started) / 3 / count * 1e6
+    return (f"cache rows of {size[1]}x{size[0]}: raw uint8 {raw[0].nbytes} B, read from the memory map in "
+            f"{read_us:.1f} us; as JPEG (quality 90) {np.mean([len(b) for b in blobs]):.0f} B, decoded on the CPU "
+            f"in {decode_us:.1f} us (per image, {torch.get_num_threads()} thread(s))")
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -278,12 +313,13 @@ def main() -> None:
     images = open_images(folder)
     open_s = time.perf_counter() - started
     sync = backbone.device.type == "cuda"
+    formats = cache_formats(folder, backbone.preprocess_cfg)
     print(f"case {args.case}: {model} ({'random weights' if pretrained else 'shipped weights'}) on {args.device}, "
           f"{len(images)} JPEGs (opened and verified in {open_s:.1f} s, not part of the job), "
-          f"{args.threads} thread(s)", flush=True)
+          f"{args.threads} thread(s)\n{formats}", flush=True)
 
     results = {"case": args.case, "model": model, "images": len(images), "threads": args.threads,
-               "device": args.device, "baseline": args.baseline, "methods": {}}
+               "device": args.device, "baseline": args.baseline, "cache_formats": formats, "methods": {}}
     for method in args.methods:
         overrides = json.loads(json.dumps(case_overrides))
         for key, value in args.config.items():
