@@ -12,7 +12,7 @@ from PIL import Image
 
 from coft.data import DataError, open_images
 from coft.image_cache import ImageCache, cached_images, image_fingerprint, train_size
-from tests.conftest import TINY_PREPROCESS_CFG, draw_image
+from tests.conftest import draw_image
 
 
 class CountingImages(Sequence):

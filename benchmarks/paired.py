@@ -1,0 +1,65 @@
+"""Paired comparison of two sets of runs printed by `tune_dev.py pipeline` (one line per task and seed).
+
+    python benchmarks/paired.py runs/a.log runs/b.log [--stage final] [--names A B]
+
+Pairs runs by (task, seed); prints each side's per-task mean over seeds, then the paired difference
+B - A: its mean over all pairs and the standard error of that mean (std of the differences / sqrt(n)).
+A difference within about two standard errors of zero is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import re
+import statistics
+from pathlib import Path
+
+LINE = re.compile(r"^(?P<task>\S+) (?P<method>\S+) seed (?P<seed>\d+) (?P<overrides>.*?): test (?P<accuracy>\{.*?\});")
+
+
+def read_runs(path: Path, stage: str) -> dict[tuple[str, int], float]:
+    runs = {}
+    for line in path.read_text().splitlines():
+        match = LINE.match(line)
+        if match:
+            accuracy = ast.literal_eval(match["accuracy"])
+            runs[(match["task"], int(match["seed"]))] = float(accuracy[stage])
+    return runs
+
+
+def compare(a: dict, b: dict, names: tuple[str, str]) -> str:
+    pairs = sorted(set(a) & set(b))
+    if not pairs:
+        raise SystemExit("no (task, seed) in both files")
+    tasks = sorted({task for task, _ in pairs})
+    lines = [f"| task | {names[0]} | {names[1]} | {names[1]} - {names[0]} |", "|---|---|---|---|"]
+    for task in tasks:
+        seeds = [seed for t, seed in pairs if t == task]
+        left, right = [a[(task, s)] for s in seeds], [b[(task, s)] for s in seeds]
+        lines.append(f"| {task} (seeds {', '.join(map(str, seeds))}) | "
+                     f"{' / '.join(f'{v:.1f}' for v in left)} = {statistics.mean(left):.1f} | "
+                     f"{' / '.join(f'{v:.1f}' for v in right)} = {statistics.mean(right):.1f} | "
+                     f"{statistics.mean(right) - statistics.mean(left):+.1f} |")
+    differences = [b[p] - a[p] for p in pairs]
+    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+    lines.append(f"| **mean of {len(pairs)} paired runs** | {statistics.mean(a[p] for p in pairs):.1f} | "
+                 f"{statistics.mean(b[p] for p in pairs):.1f} | "
+                 f"**{statistics.mean(differences):+.2f} ± {error:.2f}** (SE) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path)
+    parser.add_argument("--stage", default="final", help="which accuracy to compare (final, zero_shot, ...)")
+    parser.add_argument("--names", nargs=2, default=None)
+    args = parser.parse_args()
+    names = tuple(args.names) if args.names else (args.a.stem, args.b.stem)
+    print(compare(read_runs(args.a, args.stage), read_runs(args.b, args.stage), names))
+
+
+if __name__ == "__main__":
+    main()
