@@ -112,20 +112,22 @@ def _losses(model: PromptModel, pixels, labels, config: Phase1Config, generator:
 
 @torch.no_grad()
 def score_images(model: PromptModel, backbone: Backbone, images: ImageSource, batch_size: int,
-                 report: StageReport | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s+, s-) [N, C] for every image, with the test-time view, on the CPU.
+                 report: StageReport | None = None,
+                 indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s+, s-) [N, C] for every image (or images[indices]), with the test-time view, on the CPU.
 
     The prompts do not change during a pass, so their text features are computed once for it.
     """
     model.eval()
+    indices = torch.arange(len(images)) if indices is None else indices.cpu()
     with backbone.autocast():
         text_pos, text_neg = model.prompts.both()
     scores_pos, scores_neg = [], []
-    for positions in in_order(len(images), batch_size):
+    for positions in in_order(len(indices), batch_size):
         with backbone.autocast():
-            image = model.image_features(images.test_view(positions))
+            image = model.image_features(images.test_view(indices[positions]))
         scores_pos.append(cosines(image, text_pos))
         scores_neg.append(cosines(image, text_neg))
         if report is not None:
-            report(int(positions[-1] + 1) / len(images), "scoring")
+            report(int(positions[-1] + 1) / len(indices), "scoring")
     return torch.cat(scores_pos).cpu(), torch.cat(scores_neg).cpu()

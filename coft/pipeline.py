@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from coft import convergence
 from coft.backbone import PROXY_MODEL, Backbone, load_backbone
 from coft.classifier import Classifier, ImageClassifier, Predictions, text_head, zero_shot_classifier
 from coft.config import CoFTConfig
@@ -206,10 +207,12 @@ class _Run:
             indices, labels = self._top_k_with_shots((s_pos * previous.scale).softmax(dim=1), round_)
             model, history = train_prompt_model(
                 self.backbone, self.class_names, images, indices, labels, self.config.phase1, seed,
-                lambda f, m: report(0.1 + 0.9 * f, m))
-            return {"state": model.state_dict(), "history": history, "indices": indices, "labels": labels}
+                lambda f, m: report(0.1 + 0.85 * f, m))
+            return {"state": model.state_dict(), "history": history, "indices": indices, "labels": labels,
+                    "predicted": self._phase1_labels(model, images, indices)}
 
         saved = self._stage(stage, train)
+        self._record_fit(convergence.fit(stage, saved["predicted"], saved["labels"], saved["history"]))
         self.metrics[f"phase1_model{which}_round{round_}_losses"] = saved["history"]
         self.metrics[f"s_star_model{which}_round{round_}_size"] = int(len(saved["indices"]))
         self.round_selections[f"s_star_model{which}_round{round_}"] = (saved["indices"], saved["labels"])
@@ -220,17 +223,32 @@ class _Run:
     def _phase1_model(self, which: int, zero_shot: dict) -> PromptModel:
         stage = f"phase1-model{which}"
 
+        indices, labels = zero_shot["s_star_indices"], zero_shot["s_star_labels"]
+
         def train(report):
-            model, history = train_prompt_model(
-                self.backbone, self.class_names, self._source("train", self.backbone), zero_shot["s_star_indices"],
-                zero_shot["s_star_labels"], self.config.phase1, self._seed(which), report)
-            return {"state": model.state_dict(), "history": history}
+            images = self._source("train", self.backbone)
+            model, history = train_prompt_model(self.backbone, self.class_names, images, indices, labels,
+                                                self.config.phase1, self._seed(which), lambda f, m: report(0.95 * f, m))
+            return {"state": model.state_dict(), "history": history,
+                    "predicted": self._phase1_labels(model, images, indices)}
 
         saved = self._stage(stage, train)
+        self._record_fit(convergence.fit(stage, saved["predicted"], labels, saved["history"]))
         self.metrics[f"phase1_model{which}_losses"] = saved["history"]
         model = PromptModel(self.backbone, self.class_names, self.config.phase1, self._seed(which))
         model.load_state_dict(saved["state"])
         return model.eval()
+
+    def _phase1_labels(self, model: PromptModel, images: ImageSource, indices: torch.Tensor) -> torch.Tensor:
+        """The model's labels for its own training set (test-time views): what convergence.fit compares."""
+        s_pos, _ = score_images(model, self.backbone, images, self.config.eval_batch_size, indices=indices)
+        return s_pos.argmax(dim=1)
+
+    def _record_fit(self, fit: convergence.Fit) -> None:
+        self.metrics.setdefault("fit", {})[fit.stage] = fit.as_metrics()
+        warning = fit.warning()
+        if warning is not None:
+            self.metrics.setdefault("warnings", []).append(warning)
 
     def _filter(self, prompt_models: list[PromptModel], report) -> dict[str, Any]:
         images = self._source("train", self.backbone)
@@ -304,8 +322,17 @@ class _Run:
                 prompt_models: list[PromptModel] | None = None) -> AdaptResult:
         report = self.tracker.reporter("finish")
         classifier = Classifier(members, self.class_names, backbone.model_cfg, backbone.preprocess_cfg)
-        on_all = classifier.predict(self._source("train", backbone), self.config.eval_batch_size)
-        predictions = Predictions(self.class_names, on_all.probabilities[:self.unlabeled])
+        images = self._source("train", backbone)
+        # Member by member (the ensemble is their mean): each Phase II model's fit needs its own labels.
+        by_member = [classifier.member(i).predict(images, self.config.eval_batch_size).probabilities
+                     for i in range(len(members))]
+        predictions = Predictions(self.class_names, torch.stack(by_member).mean(dim=0)[:self.unlabeled])
+        if filtered is not None:
+            for i, probabilities in enumerate(by_member, start=1):
+                clean = filtered["clean"][i - 1].bool()
+                self._record_fit(convergence.fit(f"phase2-model{i}", probabilities.argmax(dim=1)[clean],
+                                                 filtered["labels"][i - 1][clean],
+                                                 self.metrics[f"phase2_model{i}_losses"]))
         report(0.5, "predicting")
         self.metrics.update(self._quality_signals(zero_shot, filtered, predictions))
         if self.evaluation is not None:

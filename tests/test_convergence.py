@@ -1,0 +1,51 @@
+"""Every job says whether each trained model fitted its own training set (coft.convergence)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coft.config import CoFTConfig
+from coft.convergence import MIN_AGREEMENT, fit
+from coft.pipeline import adapt
+
+CLASSES = ["red square", "green circle", "blue thing"]
+TINY = {"pseudo_labels": {"top_k": 2}, "phase1": {"epochs": 1, "batch_size": 4, "context_tokens": 4, "vpt_tokens": 2},
+        "phase2": {"epochs": 1, "batch_size": 4}, "eval_batch_size": 8}
+
+
+def test_fit_compares_predictions_with_the_training_labels_and_warns_below_the_threshold():
+    good = fit("phase1-model1", torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 2]), [{"epoch": 1, "l1": 0.1}])
+    assert good.agreement == 1.0 and good.warning() is None
+    assert good.as_metrics() == {"agreement": 1.0, "images": 4, "final_loss": {"l1": 0.1}, "threshold": 0.9}
+    poor = fit("phase2-model2", torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 2, 1, 2]), [{"epoch": 3, "ce": 2.0}])
+    assert poor.agreement == pytest.approx(0.6) and poor.threshold == MIN_AGREEMENT["phase2"]
+    warning = poor.warning()
+    assert warning["code"] == "did-not-fit" and warning["stage"] == "phase2-model2"
+    assert "60%" in warning["message"] and "80%" in warning["message"]
+    assert fit("phase1-model1", torch.tensor([]), torch.tensor([]), []).warning() is None  # nothing to fit
+
+
+def test_every_trained_model_of_a_job_reports_its_fit(tiny_backbone, tiny_images):
+    result = adapt(tiny_images, CLASSES, method="coft+", backbone=tiny_backbone, config=CoFTConfig.from_dict(TINY))
+    fits = result.metrics["fit"]
+    assert set(fits) == {"phase1-model1", "phase1-model1-round2", "phase1-model2", "phase1-model2-round2",
+                         "phase2-model1", "phase2-model2"}
+    assert fits["phase1-model1"]["images"] == result.metrics["s_star_size"]
+    for i in (1, 2):
+        clean = round(result.metrics[f"clean_fraction_model{i}"] * len(tiny_images))
+        assert fits[f"phase2-model{i}"]["images"] == clean
+        assert fits[f"phase2-model{i}"]["final_loss"] == {
+            k: v for k, v in result.metrics[f"phase2_model{i}_losses"][-1].items() if k != "epoch"}
+    assert all(0.0 <= f["agreement"] <= 1.0 for f in fits.values())
+    warned = {w["stage"] for w in result.metrics.get("warnings", [])}
+    assert warned == {stage for stage, f in fits.items() if f["images"] and f["agreement"] < f["threshold"]}
+
+
+def test_an_untrained_phase1_is_reported_as_not_fitted(tiny_backbone, tiny_images):
+    """Random contexts and no step: the prompt model's labels are not S*'s, and the job says so."""
+    config = CoFTConfig.from_dict({**TINY, "phase1": {**TINY["phase1"], "epochs": 0, "context_init_std": 1.0}})
+    result = adapt(tiny_images, CLASSES, method="coft", backbone=tiny_backbone, config=config)
+    fits = result.metrics["fit"]
+    assert fits["phase1-model1"]["agreement"] < 0.9
+    assert "phase1-model1" in {w["stage"] for w in result.metrics["warnings"]}
