@@ -8,17 +8,34 @@ contrastive term (coft.contrastive) uses every sample of the batch, clean or rej
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 from coft.augment import train_augmentation
 from coft.backbone import Backbone
-from coft.classifier import ImageClassifier
+from coft.classifier import ImageClassifier, text_head
 from coft.config import Phase2Config
 from coft.contrastive import MomentumContrast
 from coft.image_cache import ImageSource, training_inputs
 from coft.progress import StageReport
 from coft.training import LossMeans, Optimiser, epoch_batches, steps_per_epoch
+
+
+def fresh_classifier(backbone: Backbone, text_features: torch.Tensor, config: Phase2Config) -> ImageClassifier:
+    """A copy of the backbone's pre-trained vision tower and a head of the class text embeddings.
+
+    The head is `head_scale` x the embeddings (a zero-shot classifier at that temperature), not
+    CLIP's own logit scale: the scale multiplies every gradient into the tower, so a learning rate
+    would mean a 4x larger step for a CLIP at 100 than for the proxy at 27. With a fixed scale
+    a config means the same update for any CLIP. `head_scale` None uses the logit scale (the
+    head then reproduces zero-shot CLIP's probabilities exactly).
+    """
+    head = text_head(text_features.to(backbone.device), config.head_scale or backbone.logit_scale)
+    if config.head_init == "random":
+        torch.nn.init.normal_(head.weight, std=0.01)
+    return ImageClassifier(copy.deepcopy(backbone.model.visual), head)
 
 
 def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, labels: torch.Tensor,

@@ -17,7 +17,6 @@ Optional labelled shots (semi-supervised) join S* and every S_clean with their t
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -31,14 +30,14 @@ from PIL import Image
 
 from coft import convergence
 from coft.backbone import PROXY_MODEL, Backbone, load_backbone
-from coft.classifier import Classifier, ImageClassifier, Predictions, text_head, zero_shot_classifier
+from coft.classifier import Classifier, ImageClassifier, Predictions, zero_shot_classifier
 from coft.config import CoFTConfig
 from coft.contrastive import MomentumContrast, queue_size
 from coft.descriptions import LLMEndpoint, description_features, resolve_descriptions
 from coft.image_cache import CachedImages, ImageSource, cached_images, image_fingerprint
 from coft.losses import clean_probability
 from coft.phase1 import PromptModel, score_images, train_prompt_model
-from coft.phase2 import fine_tune
+from coft.phase2 import fine_tune, fresh_classifier
 from coft.progress import ProgressCallback, ProgressTracker
 from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
 from coft.pseudo_labels import top_k_per_class, validated_by
@@ -288,10 +287,7 @@ class _Run:
         text_features = self._initial_text_features(backbone)
 
         def fresh_model() -> ImageClassifier:
-            head = text_head(text_features, backbone.logit_scale)
-            if self.config.phase2.head_init == "random":
-                torch.nn.init.normal_(head.weight, std=0.01)
-            return ImageClassifier(copy.deepcopy(backbone.model.visual), head)
+            return fresh_classifier(backbone, text_features, self.config.phase2)
 
         def train(report):
             model = fresh_model()

@@ -7,7 +7,6 @@ what it trains, what it leaves alone, and that a run is reproducible and resumab
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 
@@ -398,7 +397,7 @@ def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_bac
         start = clip_parameters(model)
         torch.manual_seed(0)
         fine_tune(model, tiny_backbone, tiny_source, labels, clean,
-                  dataclasses.replace(PHASE2, weight_interpolation=fraction), seed=3)
+                  PHASE2.model_copy(update={"weight_interpolation": fraction}), seed=3)
         trained[fraction] = clip_parameters(model)
     moved = 0
     for name, value in start.items():
@@ -535,12 +534,47 @@ def test_coft_adapt_runs_with_progress_and_quality_signals(tiny_backbone, tiny_i
 
 
 def test_coft_without_phase2_steps_is_zero_shot(tiny_backbone, tiny_images):
-    """Phase II starts from a fresh pre-trained tower and the text head: with no step, it is zero-shot CLIP."""
+    """Phase II starts from a fresh pre-trained tower and the text head: with no step, it is zero-shot CLIP
+    (its labels; and its probabilities too when the head takes CLIP's own temperature, head_scale null)."""
     zero_shot = adapt(tiny_images, CLASSES, method="zero-shot", backbone=tiny_backbone, config=tiny_config())
     untrained = adapt(tiny_images, CLASSES, method="coft", backbone=tiny_backbone,
                       config=tiny_config(phase2={"epochs": 0}))
-    torch.testing.assert_close(untrained.predictions.probabilities, zero_shot.predictions.probabilities,
+    assert torch.equal(untrained.predictions.indices, zero_shot.predictions.indices)
+    at_clip_scale = adapt(tiny_images, CLASSES, method="coft", backbone=tiny_backbone,
+                          config=tiny_config(phase2={"epochs": 0, "head_scale": None}))
+    torch.testing.assert_close(at_clip_scale.predictions.probabilities, zero_shot.predictions.probabilities,
                                atol=1e-6, rtol=0)
+
+
+def test_phase2_updates_do_not_depend_on_clips_temperature(tiny_backbone, tiny_source):
+    """The same clean set and labels, the default Phase II config, and the same CLIP whose logit scale
+    is set to 100 (features unchanged): the same first step of the tower, the same trained model."""
+    from coft.phase2 import fresh_classifier
+
+    hot = copy.deepcopy(tiny_backbone)
+    with torch.no_grad():
+        hot.model.logit_scale.fill_(math.log(100.0))
+    assert tiny_backbone.logit_scale != pytest.approx(100.0) and hot.logit_scale == pytest.approx(100.0)
+    text = class_text_features(tiny_backbone, CLASSES, ["a photo of a {}."])
+    labels, clean = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([True] * 6 + [False] * 2)
+
+    def trained(backbone, steps: int, head_scale) -> dict[str, torch.Tensor]:
+        config = Phase2Config(epochs=steps, batch_size=8, head_scale=head_scale)
+        model = fresh_classifier(backbone, text, config)
+        torch.manual_seed(0)  # the augmentations draw from torch's generator, as in a pipeline stage
+        fine_tune(model, backbone, tiny_source, labels, clean, config, seed=3)
+        return model.state_dict()
+
+    default = Phase2Config().head_scale
+    for steps in (1, 3):  # one epoch of one batch is one step
+        own, at_100 = trained(tiny_backbone, steps, default), trained(hot, steps, default)
+        for name, value in own.items():
+            torch.testing.assert_close(at_100[name], value, atol=1e-6, rtol=0, msg=name)
+    # At CLIP's own temperature the two would part: the test can tell the parametrisations apart.
+    own, at_100 = trained(tiny_backbone, 1, None), trained(hot, 1, None)
+    moved = own["visual.conv1.weight"] - tiny_backbone.model.visual.conv1.weight
+    moved_at_100 = at_100["visual.conv1.weight"] - tiny_backbone.model.visual.conv1.weight
+    assert moved_at_100.norm() > 2 * moved.norm()
 
 
 class _Interrupted(Exception):
@@ -608,6 +642,7 @@ def test_config_defaults_follow_the_method_spec():
     # lr and crop scale: ours, chosen on the development tasks (the spec says 5e-4 and 0.5)
     assert (p2.lr, p2.crop_scale_min, p2.momentum, p2.weight_decay, p2.epochs, p2.batch_size, p2.head_init) == (
         5e-3, 0.8, 0.9, 5e-4, 10, 64, "text")
+    assert p2.head_scale == 25.0  # a fixed temperature, not CLIP's: the spec's "lr independent of the model's"
 
 
 def test_config_from_dict_accepts_nested_partial_overrides():
