@@ -5,7 +5,8 @@
     python benchmarks/accuracy.py --methods coft coft+ --tasks shapes-noisy
 
 Methods (`--methods`, names or groups): label-free `zero-shot`, `zero-shot-ensemble`, `upl`, `fixmatch`,
-`fixmatch-da` (with ReMixMatch's distribution alignment), `coft`, `coft+`; with k labelled shots per
+`fixmatch-da` (with ReMixMatch's distribution alignment), `topk-ft-16` and `topk-ft-32` (a plain full
+fine-tune on the top-K zero-shot pseudo-labels per class), `coft`, `coft+`; with k labelled shots per
 class from the train split (`--shots`, default 1 2 4 8 16) `coop-k` and `linear-probe-k`.
 Groups: `label-free`, `few-shot`, `coop`, `linear-probe`, `all` (default).
 
@@ -39,7 +40,8 @@ from coft.proxy.tasks import DEV_TASKS, TASKS, ProxyTask, load_task  # noqa: E40
 
 STAGE_COLUMNS = ["zero_shot", "phase1_model1", "phase1_model2", "phase2_model1", "phase2_model2", "final"]
 PRECISION_COLUMNS = ["zero_shot", "s_star", "clean_model1", "clean_model2"]
-LABEL_FREE = ["zero-shot", "zero-shot-ensemble", "upl", "fixmatch", "fixmatch-da", "coft", "coft+"]
+LABEL_FREE = ["zero-shot", "zero-shot-ensemble", "upl", "fixmatch", "fixmatch-da", "topk-ft-16", "topk-ft-32",
+              "coft", "coft+"]
 DETERMINISTIC = {"zero-shot", "zero-shot-ensemble"}
 QUICK_TASKS = ["digits-handwritten", "shapes-noisy"]
 # --quick shortens every schedule by the same factor, so that it still compares like with like.
@@ -109,6 +111,17 @@ def run_fixmatch(distribution_alignment: bool) -> Callable[[Setting], dict]:
     return run
 
 
+def run_top_k_fine_tune(top_k: int) -> Callable[[Setting], dict]:
+    def run(s: Setting) -> dict:
+        phase2 = CoFTConfig().phase2.model_copy(update={"hflip": s.hflip})
+        phase2 = phase2.model_copy(update={"epochs": s.epochs(phase2.epochs)})
+        config = baselines.TopKFineTuneConfig(top_k=top_k, phase2=phase2)
+        classifier, info = baselines.top_k_fine_tune(s.backbone, s.task.class_names, s.task.train_images, config,
+                                                     seed=s.seed)
+        return {"accuracy": s.test_accuracy(classifier), **info}
+    return run
+
+
 def labelled_shots(s: Setting, shots: int) -> tuple[list, torch.Tensor]:
     """k labelled images per class, drawn from the train split (never the test split) by the seed."""
     labels = torch.tensor(s.task.train_labels)
@@ -134,7 +147,8 @@ def run_linear_probe(shots: int) -> Callable[[Setting], dict]:
 
 def registry(shots: list[int]) -> dict[str, Callable[[Setting], dict]]:
     methods = {"zero-shot": run_zero_shot(False), "zero-shot-ensemble": run_zero_shot(True), "upl": run_upl,
-               "fixmatch": run_fixmatch(False), "fixmatch-da": run_fixmatch(True), "coft": run_coft("coft"), "coft+": run_coft("coft+")}
+               "fixmatch": run_fixmatch(False), "fixmatch-da": run_fixmatch(True), "topk-ft-16": run_top_k_fine_tune(16),
+               "topk-ft-32": run_top_k_fine_tune(32), "coft": run_coft("coft"), "coft+": run_coft("coft+")}
     methods.update({f"coop-{k}": run_coop(k) for k in shots})
     methods.update({f"linear-probe-{k}": run_linear_probe(k) for k in shots})
     return methods

@@ -8,7 +8,9 @@ Label-free:
   learned on them (one prompt model; UPL's ensemble of several prompt inits is left out);
 - FixMatch-style self-training (Sohn et al., 2020), with no labelled loss: a fresh vision tower and
   a text-initialised head, the model's own argmax on a weak view is the target of the CE on a strong
-  (RandAugment) view, where its confidence reaches a threshold.
+  (RandAugment) view, where its confidence reaches a threshold;
+- a plain full fine-tune on the top-K zero-shot pseudo-labels per class (CoFT without Phase I and
+  the filter).
 With labels (k shots per class, to place the label-free methods against supervision):
 - CoOp (Zhou et al., 2022): a learned prompt context on the frozen CLIP;
 - a linear probe (Radford et al., 2021): L2-regularised logistic regression on frozen image features.
@@ -17,7 +19,8 @@ With labels (k shots per class, to place the label-free methods against supervis
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -28,8 +31,9 @@ from torch import nn
 from coft.augment import StrongAugmentation, train_augmentation
 from coft.backbone import Backbone
 from coft.classifier import Classifier, ImageClassifier, text_head, zero_shot_classifier
-from coft.config import DEFAULT_TEMPLATE
-from coft.image_cache import ImageSource, cached_images
+from coft.config import DEFAULT_TEMPLATE, Phase2Config
+from coft.image_cache import ImageSource, Subset, cached_images
+from coft.phase2 import fine_tune, fresh_classifier
 from coft.prompts import TEMPLATE_ENSEMBLE, PromptLearner, class_text_features
 from coft.pseudo_labels import top_k_per_class
 from coft.training import Optimiser, epoch_batches, in_order, steps_per_epoch
@@ -88,6 +92,19 @@ class FixMatchConfig:
     # plain self-training drifts onto a few classes; this keeps the targets' class marginal even.
     distribution_alignment: bool = False
     alignment_momentum: float = 0.99  # of the running mean of predictions
+
+
+@dataclass
+class TopKFineTuneConfig:
+    """A plain full fine-tune on the top-K zero-shot pseudo-labels per class: CoFT's Phase II recipe
+    (fresh tower, text head, optimiser, augmentation), trained on S* alone with its zero-shot labels,
+    for as many steps as CoFT's Phase II takes on the same images (`steps` None), so that what CoFT
+    adds over it is Phase I and the filter, not a longer schedule."""
+
+    top_k: int = 16
+    template: str = DEFAULT_TEMPLATE
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    steps: int | None = None
 
 
 @dataclass
@@ -164,6 +181,27 @@ def upl(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.I
     probabilities = (backbone.logit_scale * features @ text.to(features.device).T).softmax(dim=1).cpu()
     indices, labels = top_k_per_class(probabilities, config.top_k)
     return train_coop(backbone, class_names, images, indices, labels, config.coop, seed, config.coop.epochs or 50)
+
+
+def top_k_fine_tune(backbone: Backbone, class_names: Sequence[str], images: Sequence[Image.Image] | ImageSource,
+                    config: TopKFineTuneConfig | None = None, seed: int = 0) -> tuple[Classifier, dict]:
+    """Fine-tune a fresh tower + text head on the top-K zero-shot images per class; returns it and
+    how many images and epochs it trained on."""
+    config = config or TopKFineTuneConfig()
+    source = as_source(images, backbone)
+    text = class_text_features(backbone, class_names, [config.template])
+    probabilities = (backbone.logit_scale * encode_images(backbone, source) @ text.T).softmax(dim=1).cpu()
+    indices, labels = top_k_per_class(probabilities, config.top_k)
+    batch_size = config.phase2.batch_size
+    steps = config.steps or config.phase2.epochs * steps_per_epoch(len(source), batch_size)
+    epochs = max(1, math.ceil(steps / steps_per_epoch(len(indices), batch_size)))
+    model = fresh_classifier(backbone, text, config.phase2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fine_tune(model, backbone, Subset(source, indices), labels, torch.ones(len(indices), dtype=torch.bool),
+                  config.phase2.model_copy(update={"epochs": epochs}), seed)
+    classifier = Classifier([model], class_names, backbone.model_cfg, backbone.preprocess_cfg)
+    return classifier, {"images": len(indices), "epochs": epochs}
 
 
 # --------------------------------------------------------------------------- linear probe

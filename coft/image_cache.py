@@ -288,6 +288,27 @@ class CachedImages:
         return augmentation(pixels.float().div_(255.0))
 
 
+class Subset:
+    """images[indices] as an ImageSource of its own (a baseline that trains on S* alone, say)."""
+
+    def __init__(self, images: ImageSource, indices: torch.Tensor):
+        self.images, self.indices = images, indices.cpu()
+        digest = hashlib.sha256(self.indices.numpy().tobytes()).hexdigest()[:16]
+        self.fingerprint = f"{images.fingerprint}[{digest}]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def test_view(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.images.test_view(self.indices[indices.cpu()])
+
+    def pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.images.pixels(self.indices[indices.cpu()])
+
+    def view(self, pixels: torch.Tensor, augmentation: nn.Module) -> torch.Tensor:
+        return self.images.view(pixels, augmentation)
+
+
 def image_fingerprint(images: Sequence[Image.Image]) -> str:
     """Identifies a set of images cheaply: its length, its names when it has them, and the pixels of
     its first and last images."""

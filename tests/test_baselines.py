@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from coft.baselines import (CoOpConfig, FixMatchConfig, LinearProbeConfig, UPLConfig, align_distribution, coop,
-                            fixmatch, linear_probe, sample_shots, upl, zero_shot)
+from coft.baselines import (CoOpConfig, FixMatchConfig, LinearProbeConfig, TopKFineTuneConfig, UPLConfig,
+                            align_distribution, coop, fixmatch, linear_probe, sample_shots, top_k_fine_tune, upl,
+                            zero_shot)
 from coft.augment import StrongAugmentation
 from coft.classifier import Classifier
+from coft.training import steps_per_epoch
 from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
 
 CLASSES = ["red square", "green circle", "blue thing"]
@@ -81,6 +85,22 @@ def test_distribution_alignment_evens_out_a_collapsing_marginal():
     assert aligned.argmax(dim=1).tolist() == [1, 2, 1]
     expected = probabilities[0] / mean
     torch.testing.assert_close(aligned[0], expected / expected.sum())
+
+
+def test_top_k_fine_tune_trains_the_whole_tower_on_the_top_k_alone(tiny_backbone, tiny_images):
+    from coft.config import Phase2Config
+
+    before = visual_state(tiny_backbone)
+    config = TopKFineTuneConfig(top_k=2, phase2=Phase2Config(epochs=2, batch_size=4))
+    classifier, info = top_k_fine_tune(tiny_backbone, CLASSES, tiny_images, config, seed=1)
+    assert isinstance(classifier, Classifier) and len(classifier.members) == 1
+    assert info["images"] <= 2 * len(CLASSES)
+    # as many steps as Phase II takes on all 8 images (2 epochs x 2 batches of 4)
+    assert info["epochs"] == math.ceil(4 / steps_per_epoch(info["images"], 4))
+    tuned = classifier.members[0].visual.state_dict()
+    assert all(not torch.equal(tuned[k], v) for k, v in before.items() if v.is_floating_point())
+    assert visual_state(tiny_backbone).keys() == before.keys()
+    assert all(torch.equal(visual_state(tiny_backbone)[k], v) for k, v in before.items())  # the backbone is left alone
 
 
 def test_strong_view_is_random(tiny_backbone, tiny_source):
