@@ -19,7 +19,6 @@ With labels (k shots per class, to place the label-free methods against supervis
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -36,7 +35,7 @@ from coft.image_cache import ImageSource, Subset, cached_images
 from coft.phase2 import fine_tune, fresh_classifier
 from coft.prompts import TEMPLATE_ENSEMBLE, PromptLearner, class_text_features
 from coft.pseudo_labels import top_k_per_class
-from coft.training import Optimiser, epoch_batches, in_order, steps_per_epoch
+from coft.training import Optimiser, epoch_batches, epochs_for, in_order, steps_per_epoch
 
 # CoOp's schedules (its configs vit_b16_ep50 / ep100 / ep200): fewer shots, fewer epochs.
 COOP_EPOCHS = {1: 50, 2: 50, 4: 100, 8: 100, 16: 200}
@@ -52,6 +51,7 @@ class CoOpConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: int | None = None  # None: COOP_EPOCHS by shots per class (50 for UPL's pseudo-labels)
+    min_steps: int = 0  # at least this many optimiser steps, however few the images (more epochs)
     batch_size: int = 32
     crop_scale_min: float = 0.5
     hflip: bool = True
@@ -138,6 +138,7 @@ def train_coop(backbone: Backbone, class_names: Sequence[str], images: Sequence[
     and a head of the learned class prompts (what CoOp computes at test time, cached)."""
     source = as_source(images, backbone)
     indices, labels = indices.cpu(), labels.cpu()
+    epochs = epochs_for(len(indices), config.batch_size, epochs, config.min_steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -194,7 +195,7 @@ def top_k_fine_tune(backbone: Backbone, class_names: Sequence[str], images: Sequ
     indices, labels = top_k_per_class(probabilities, config.top_k)
     batch_size = config.phase2.batch_size
     steps = config.steps or config.phase2.epochs * steps_per_epoch(len(source), batch_size)
-    epochs = max(1, math.ceil(steps / steps_per_epoch(len(indices), batch_size)))
+    epochs = epochs_for(len(indices), batch_size, 1, steps)
     model = fresh_classifier(backbone, text, config.phase2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

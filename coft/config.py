@@ -48,6 +48,9 @@ class Phase1Config(_Config):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: int = Field(20, ge=0)
+    # At least this many optimiser steps, however small S* is: more passes over it when needed
+    # (coft.training.epochs_for).
+    min_steps: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=1)
     augment: bool = True  # RandomResizedCrop + flip
     crop_scale_min: float = Field(0.5, gt=0, le=1)

@@ -21,7 +21,7 @@ from coft.image_cache import ImageSource, training_inputs
 from coft.losses import confusable_other_labels, negative_loss, positive_loss, random_other_labels
 from coft.progress import StageReport
 from coft.prompts import PromptLearner
-from coft.training import LossMeans, Optimiser, epoch_batches, in_order, steps_per_epoch
+from coft.training import LossMeans, Optimiser, epoch_batches, epochs_for, history_every, in_order, steps_per_epoch
 from coft.vpt import prompted_visual
 
 
@@ -56,15 +56,16 @@ def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: I
     augmentation = (train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
                     if config.augment else None)
     indices, labels = indices.cpu(), labels.cpu()
-    total_steps = max(1, config.epochs * steps_per_epoch(len(indices), config.batch_size))
+    epochs = epochs_for(len(indices), config.batch_size, config.epochs, config.min_steps)
+    total_steps = max(1, epochs * steps_per_epoch(len(indices), config.batch_size))
     optimiser = Optimiser([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                           momentum=config.momentum, weight_decay=config.weight_decay, total_steps=total_steps,
                           device=backbone.device)
     order = torch.Generator().manual_seed(seed)
     others = torch.Generator().manual_seed(seed + 7919)
-    history, step = [], 0
-    for epoch in range(config.epochs):
-        means = LossMeans()
+    history, step, every = [], 0, history_every(epochs)
+    means = LossMeans()
+    for epoch in range(epochs):
         for positions in epoch_batches(len(indices), config.batch_size, order):
             pixels = training_inputs(images, indices[positions], augmentation)
             batch_labels = labels[positions].to(backbone.device, non_blocking=True)
@@ -75,8 +76,10 @@ def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: I
             means.add("l2", l2, len(positions))
             step += 1
             if report is not None:
-                report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
-        history.append({"epoch": epoch + 1, **means.read("l1", "l2")})
+                report(step / total_steps, f"epoch {epoch + 1}/{epochs}")
+        if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+            history.append({"epoch": epoch + 1, **means.read("l1", "l2")})
+            means = LossMeans()
     model.eval()
     return model, history
 

@@ -33,6 +33,23 @@ def steps_per_epoch(count: int, batch_size: int) -> int:
     return steps - 1 if steps > 1 and count % batch_size == 1 else steps
 
 
+def epochs_for(count: int, batch_size: int, epochs: int, min_steps: int = 0) -> int:
+    """Passes over `count` samples: `epochs`, or more when they make fewer than `min_steps` steps.
+
+    A schedule counted in epochs shrinks with the training set: 20 epochs of 10 classes x 16 images
+    are 100 steps, too few to fit from random prompts; a floor in steps keeps what it buys.
+    """
+    per_epoch = steps_per_epoch(count, batch_size)
+    if per_epoch == 0:
+        return 0
+    return max(epochs, -(-min_steps // per_epoch))
+
+
+def history_every(epochs: int, entries: int = 20) -> int:
+    """Record losses every this many epochs, so that a long schedule keeps about `entries` of them."""
+    return max(1, -(-epochs // entries))
+
+
 def in_order(count: int, batch_size: int) -> Iterator[torch.Tensor]:
     """Positions 0..count-1 in order, in batches: for passes that only look (scoring, prediction)."""
     return iter(torch.arange(count).split(batch_size))

@@ -672,3 +672,17 @@ def test_config_from_dict_accepts_nested_partial_overrides():
 def test_config_from_dict_rejects_unknown_keys_and_wrong_types(values):
     with pytest.raises(ValueError):
         CoFTConfig.from_dict(values)
+
+
+def test_phase1_runs_at_least_min_steps_however_small_s_star_is(tiny_backbone, tiny_source):
+    from coft.training import epochs_for
+
+    assert epochs_for(160, 32, 20) == 20 and epochs_for(160, 32, 20, min_steps=1000) == 200
+    assert epochs_for(161, 32, 1, min_steps=10) == 2  # 161 = 5 batches of 32 + a batch of 1, dropped
+    assert epochs_for(0, 32, 20, min_steps=100) == 0
+    steps = []
+    config = Phase1Config(**(TINY_PHASE1 | {"epochs": 1, "min_steps": 9}))  # 6 images: 2 steps a pass
+    _, history = train_prompt_model(tiny_backbone, CLASSES, tiny_source, torch.arange(6), torch.tensor([0, 1, 2] * 2),
+                                    config, seed=1, report=lambda fraction, message: steps.append(message))
+    assert len(steps) == 10 and steps[-1] == "epoch 5/5"  # ceil(9 / 2) passes
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5]
