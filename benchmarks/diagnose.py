@@ -6,7 +6,8 @@
     python benchmarks/diagnose.py phase1 digits-occluded '{}' random-true [SEED]
         the same Phase I model trained on a set as large as S* but chosen differently: `s-star-true`
         (S* with its TRUE labels: no label noise), `random-true` (random images, true labels: no
-        noise and no selection bias), `random-zero-shot` (random images, zero-shot labels).
+        noise and no selection bias), `random-zero-shot` (random images, zero-shot labels). With
+        `--coop` last, CoOp is trained on the same images and labels for the same number of steps.
     python benchmarks/diagnose.py rounds dev-shapes-occluded-wood grow 0
         CoFT+'s iterative Phase I for one model, three rounds: each round's S* (size, precision) and
         the model's test accuracy, with round r's S* the top-K (`constant`, the spec) or the top-r*K
@@ -32,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coft.backbone import load_backbone  # noqa: E402
 from coft.classifier import Classifier, ImageClassifier, text_head  # noqa: E402
 from coft.config import CoFTConfig, Phase2Config  # noqa: E402
-from coft.baselines import encode_images  # noqa: E402
+from coft.baselines import CoOpConfig, encode_images, train_coop  # noqa: E402
 from coft.image_cache import cached_images  # noqa: E402
 from coft.phase1 import score_images, train_prompt_model  # noqa: E402
 from coft.phase2 import fine_tune  # noqa: E402
 from coft.prompts import class_text_features  # noqa: E402
 from coft.proxy.tasks import load_task  # noqa: E402
 from coft.pseudo_labels import top_k_per_class  # noqa: E402
+from coft.training import epochs_for, steps_per_epoch  # noqa: E402
 
 
 def _zero_shot_logits(backbone, text: torch.Tensor, images) -> torch.Tensor:
@@ -59,7 +61,8 @@ def _accuracy(predicted: torch.Tensor, truth: list[int]) -> float:
 TRAINING_SETS = ("s-star", "s-star-true", "random-true", "random-zero-shot")
 
 
-def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: int = 0) -> None:
+def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: int = 0,
+           with_coop: bool = False) -> None:
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
     train_images, test_images = _sources(backbone, task)
@@ -79,14 +82,24 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: 
     torch.manual_seed(seed)
     model, history = train_prompt_model(backbone, task.class_names, train_images, indices, labels,
                                         config.phase1, seed=10 + 1000 * seed)
+    seconds = time.perf_counter() - started
     test_pos, _ = score_images(model, backbone, test_images, 256)
     train_pos, _ = score_images(model, backbone, train_images, 256)
+    steps = epochs_for(len(indices), config.phase1.batch_size, config.phase1.epochs, config.phase1.min_steps) * \
+        steps_per_epoch(len(indices), config.phase1.batch_size)
+    fitted = float((train_pos[indices].argmax(dim=1) == labels).float().mean())
+    coop_accuracy = ""
+    if with_coop:  # CoOp on the same images and labels, for the same number of steps (CoOp's own recipe)
+        torch.manual_seed(seed)
+        coop = train_coop(backbone, task.class_names, train_images, indices, labels,
+                          CoOpConfig(hflip=config.phase1.hflip, min_steps=steps), seed=10 + 1000 * seed, epochs=1)
+        coop_accuracy = f", CoOp at the same steps {_accuracy(coop.predict(test_images).indices, task.test_labels):.3f}"
     print(f"{task_name} {json.dumps(overrides)} trained on {training_set} seed {seed}: |S*| {len(indices)}, S* precision "
           f"{float((labels == truth[indices]).float().mean()):.3f}; test accuracy zero-shot "
           f"{_accuracy(_zero_shot_logits(backbone, text, test_images).argmax(dim=1), task.test_labels):.3f}, Phase I "
-          f"{_accuracy(test_pos.argmax(dim=1), task.test_labels):.3f}; Phase I on U "
-          f"{_accuracy(train_pos.argmax(dim=1), task.train_labels):.3f}; final L1 {history[-1]['l1']:.3f} "
-          f"({time.perf_counter() - started:.0f}s)")
+          f"{_accuracy(test_pos.argmax(dim=1), task.test_labels):.3f}{coop_accuracy}; Phase I on U "
+          f"{_accuracy(train_pos.argmax(dim=1), task.train_labels):.3f}; {steps} steps, fits its training labels "
+          f"{fitted:.3f}, final L1 {history[-1]['l1']:.3f} L2 {history[-1]['l2']:.3f} ({seconds:.0f}s)", flush=True)
 
 
 def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> None:
@@ -134,11 +147,14 @@ def phase2_ceiling(task_name: str, noise: float, overrides: dict) -> None:
 
 if __name__ == "__main__":
     command, name, *rest = sys.argv[1:]
+    flags = {arg for arg in rest if arg.startswith("--")}
+    rest = [arg for arg in rest if not arg.startswith("--")]
     if command == "phase1":
         training_set = rest[1] if len(rest) > 1 else "s-star"
         if training_set not in TRAINING_SETS:
             raise SystemExit(f"training set must be one of {', '.join(TRAINING_SETS)}")
-        phase1(name, json.loads(rest[0]) if rest else {}, training_set, int(rest[2]) if len(rest) > 2 else 0)
+        phase1(name, json.loads(rest[0]) if rest else {}, training_set, int(rest[2]) if len(rest) > 2 else 0,
+               with_coop="--coop" in flags)
     elif command == "rounds":
         rounds(name, rest[0] if rest else "constant", int(rest[1]) if len(rest) > 1 else 0)
     elif command == "phase2-ceiling":
