@@ -316,6 +316,7 @@ class _Run:
 
     def _finish(self, members, backbone: Backbone, zero_shot: dict, filtered: dict | None = None,
                 prompt_models: list[PromptModel] | None = None) -> AdaptResult:
+        self.tracker.emit("finish", 0.0, "starting")
         report = self.tracker.reporter("finish")
         classifier = Classifier(members, self.class_names, backbone.model_cfg, backbone.preprocess_cfg)
         images = self._source("train", backbone)
