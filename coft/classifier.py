@@ -55,8 +55,12 @@ class ImageClassifier(nn.Module):
         """The unit-norm image embedding the head reads."""
         return F.normalize(self.visual(pixels), dim=-1)
 
+    def classify(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits from unit-norm embeddings (what `embed` returns)."""
+        return self.head(embeddings.to(self.head.weight.dtype))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(pixels).to(self.head.weight.dtype))
+        return self.classify(self.embed(pixels))
 
 
 def text_head(class_features: torch.Tensor, scale: float) -> nn.Linear:

@@ -96,10 +96,11 @@ class CoFTPlusConfig(_Config):
     # K keeps S* representative as the models improve (benchmarks/RESULTS.md, "CoFT+ rounds").
     round_top_k: Literal["constant", "grow"] = "grow"
     contrastive: bool = True  # MoCo term in Phase II; False: CoFT's Phase II after the rounds
-    # Where the query comes from: "moco", the spec, a MoCo v2 view of its own (one more forward pass
-    # of the tower per batch); "ce", the embedding of the cross-entropy's view of the same image,
-    # so that one forward pass with gradient serves both terms.
-    query_view: Literal["moco", "ce"] = "moco"
+    # Phase II's CE and the contrastive query each need a forward pass of the tower with gradient.
+    # "none", the spec: the CE on the Phase II view of the clean samples, the query on a MoCo v2 view
+    # of its own. One pass serves both with "ce" (the query is the CE view's embedding) or "moco"
+    # (the CE is computed on the query's MoCo v2 view): about a third less compute.
+    shared_view: Literal["none", "ce", "moco"] = "none"
     momentum: float = Field(0.999, ge=0, le=1)  # mu of the EMA key encoder
     temperature: float = Field(0.07, gt=0)  # tau' of InfoNCE
     contrastive_weight: float = 0.1  # gamma

@@ -88,17 +88,18 @@ class MomentumContrast:
     Per call: EMA update of the key encoder (MoCo does it before computing keys), keys without
     gradient, the loss, then the keys enter the queue, so a key is never its own negative.
 
-    `query_view` says where the queries come from: "moco" (the spec) embeds a MoCo v2 view of their
-    own, one more forward pass of the tower; "ce" reuses the embedding of the cross-entropy's view,
-    so one forward pass with gradient serves both terms.
+    `shared_view` says whether one forward pass with gradient serves both Phase II terms: "none" (the
+    spec: the CE on the Phase II view of the clean samples, the queries on a MoCo v2 view of their
+    own), "ce" (the queries are the embeddings of the CE's view) or "moco" (the CE reads the queries'
+    MoCo v2 view).
     """
 
     def __init__(self, visual: nn.Module, embed_dim: int, preprocess_cfg: dict[str, Any], device: torch.device, *,
                  momentum: float, temperature: float, weight: float, queue_length: int, hflip: bool = True,
-                 query_view: str = "moco"):
+                 shared_view: str = "none"):
         self.key_encoder = copy.deepcopy(visual).requires_grad_(False).eval()
         self.augmentation = moco_v2_augmentation(preprocess_cfg, hflip)
-        self.shares_ce_view = query_view == "ce"
+        self.shared_view = shared_view
         self.momentum, self.temperature, self.weight = momentum, temperature, weight
         self.queue = KeyQueue(queue_length, embed_dim, device)
 

@@ -78,13 +78,8 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
             else:
                 pixels = images.pixels(positions)
                 with backbone.autocast():
-                    if contrastive.shares_ce_view:  # one forward pass: the CE view's embedding is the query
-                        embeddings = model.embed(training_inputs(images, positions, augmentation, pixels))
-                        logits, queries = model.head(embeddings[rows.to(device, non_blocking=True)]), embeddings
-                    else:  # the spec: the query is a MoCo v2 view of its own
-                        clean_pixels = pixels[rows.to(device, non_blocking=True)]
-                        logits = model(training_inputs(images, kept, augmentation, clean_pixels)) if len(kept) else None
-                        queries = model.embed(images.view(pixels, contrastive.augmentation))
+                    queries, logits = _queries_and_logits(model, images, positions, pixels, rows, augmentation,
+                                                          contrastive)
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
                     loss = nce
                     if len(kept):
@@ -101,6 +96,22 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
     if start is not None:
         interpolate_weights(model, start, config.weight_interpolation)
     return history
+
+
+def _queries_and_logits(model: ImageClassifier, images: ImageSource, positions: torch.Tensor, pixels: torch.Tensor,
+                        rows: torch.Tensor, augmentation, contrastive: MomentumContrast):
+    """CoFT+: the contrastive queries of every sample in the batch and the CE logits of its clean `rows`,
+    from two forward passes with gradient (the spec) or one shared view (coft_plus.shared_view)."""
+    clean = rows.to(pixels.device, non_blocking=True)
+    if contrastive.shared_view == "none":  # the CE on the Phase II view, the query on a MoCo v2 view
+        logits = (model(training_inputs(images, positions[rows], augmentation, pixels[clean])) if len(rows)
+                  else None)
+        return model.embed(images.view(pixels, contrastive.augmentation)), logits
+    if contrastive.shared_view == "ce":  # the query is the embedding of the CE's Phase II view
+        embeddings = model.embed(training_inputs(images, positions, augmentation, pixels))
+    else:  # "moco": the CE reads the query's MoCo v2 view
+        embeddings = model.embed(images.view(pixels, contrastive.augmentation))
+    return embeddings, model.classify(embeddings[clean])
 
 
 def interpolate_weights(model: torch.nn.Module, start: dict[str, torch.Tensor], fraction: float) -> None:

@@ -312,7 +312,7 @@ class _Run:
         return MomentumContrast(model.visual, backbone.model_cfg["embed_dim"], backbone.preprocess_cfg,
                                 backbone.device, momentum=plus.momentum, temperature=plus.temperature,
                                 weight=plus.contrastive_weight, queue_length=length, hflip=self.config.phase2.hflip,
-                                query_view=plus.query_view)
+                                shared_view=plus.shared_view)
 
     def _finish(self, members, backbone: Backbone, zero_shot: dict, filtered: dict | None = None,
                 prompt_models: list[PromptModel] | None = None) -> AdaptResult:
@@ -490,10 +490,10 @@ class _Run:
                         round_s_star + len(self.shot_labels))
             costs["filter"] = 2.0 * n
             # CE on the clean ~70%; the contrastive term adds a key pass without gradient on all of U and a
-            # query pass with gradient, or, when the query shares the CE view, turns the CE pass into one on all.
+            # query pass with gradient, or, when the two share a view, turns the CE pass into one on all.
             per_image = 3.0 * 0.7
             if plus and self.config.coft_plus.contrastive:
-                per_image = 3.0 + 1.0 if self.config.coft_plus.query_view == "ce" else per_image + 3.0 + 1.0
+                per_image = 3.0 + 1.0 if self.config.coft_plus.shared_view != "none" else per_image + 3.0 + 1.0
             for i in (1, 2):
                 costs[f"phase2-model{i}"] = per_image * self.config.phase2.epochs * n
         costs["finish"] = 2.0 * n

@@ -105,9 +105,9 @@ def test_info_nce_by_hand():
     assert far < 1e-10
 
 
-@pytest.mark.parametrize("query_view, passes", [("moco", [4, 8]), ("ce", [8])])
-def test_the_query_view_decides_the_forward_passes_of_phase2(tiny_backbone, tiny_source, query_view, passes):
-    """"moco": CE on the 4 clean samples and a query pass over all 8; "ce": one pass over all 8 serves both."""
+@pytest.mark.parametrize("shared_view, passes", [("none", [4, 8]), ("ce", [8]), ("moco", [8])])
+def test_a_shared_view_makes_one_forward_pass_of_phase2(tiny_backbone, tiny_source, shared_view, passes):
+    """"none": CE on the 4 clean samples and a query pass over all 8; "ce"/"moco": one pass over all 8."""
     import copy
 
     from coft.classifier import ImageClassifier, text_head
@@ -116,7 +116,7 @@ def test_the_query_view_decides_the_forward_passes_of_phase2(tiny_backbone, tiny
 
     model = ImageClassifier(copy.deepcopy(tiny_backbone.model.visual), text_head(torch.randn(3, 32), 10.0))
     term = MomentumContrast(model.visual, 32, tiny_backbone.preprocess_cfg, torch.device("cpu"), momentum=0.9,
-                            temperature=0.07, weight=0.1, queue_length=8, query_view=query_view)
+                            temperature=0.07, weight=0.1, queue_length=8, shared_view=shared_view)
     batch_sizes = []
     model.visual.register_forward_hook(lambda module, inputs, output: batch_sizes.append(len(inputs[0])))
     clean = torch.tensor([True, False] * 4)
