@@ -20,7 +20,6 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
-from torchvision import transforms
 
 PROXY_MODEL = "proxy"
 PROXY_DIR = Path(__file__).parent / "proxy" / "weights"
@@ -49,9 +48,6 @@ class Backbone:
 
     def eval_transform(self) -> Callable:
         return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
-
-    def train_transform(self, crop_scale_min: float, hflip: bool) -> Callable:
-        return train_transform(self.preprocess_cfg, crop_scale_min, hflip)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
@@ -98,27 +94,6 @@ def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     enabled = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     return torch.amp.GradScaler("cuda", enabled=enabled)
 
-
-def train_transform(preprocess_cfg: dict[str, Any], crop_scale_min: float, hflip: bool) -> Callable:
-    size = preprocess_cfg["size"]
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    steps: list[Callable] = [
-        transforms.RandomResizedCrop(size, scale=(crop_scale_min, 1.0),
-                                     interpolation=_interpolation(preprocess_cfg.get("interpolation", "bicubic"))),
-    ]
-    if hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [_to_rgb, transforms.ToTensor(), transforms.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"])]
-    return transforms.Compose(steps)
-
-
-def _to_rgb(image):
-    return image.convert("RGB")
-
-
-def _interpolation(name: str) -> transforms.InterpolationMode:
-    return {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": transforms.InterpolationMode.BILINEAR,
-            "random": transforms.InterpolationMode.BICUBIC}.get(name, transforms.InterpolationMode.BICUBIC)
 
 
 def _model_config(open_clip_id: str, clip: nn.Module) -> dict[str, Any]:
