@@ -95,7 +95,6 @@ def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
-
 def _model_config(open_clip_id: str, clip: nn.Module) -> dict[str, Any]:
     config = open_clip.get_model_config(open_clip_id)
     if config is None:
