@@ -37,9 +37,9 @@ def local_models(settings: Settings) -> dict[str, Path]:
 
 
 def proxy_available() -> bool:
-    from coft.backbone import PROXY_DIR
+    import coft
 
-    return (PROXY_DIR / CONFIG_FILE).is_file()
+    return coft.proxy_weights_installed()
 
 
 def resolve(settings: Settings, model: str, pretrained: str | None) -> tuple[str, str | None]:

@@ -35,7 +35,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from coft.proxy.tasks import TASKS, ProxyTask, load_task
+from coft import PROXY_TASKS, ProxyTask, load_proxy_task
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH = 64  # the service's default COFT_MAX_PREDICT_IMAGES; a smaller limit is detected and obeyed
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=os.environ.get("COFT_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--api-key", default=os.environ.get("COFT_API_KEY"))
-    parser.add_argument("--task", default="digits-handwritten", choices=sorted(TASKS))
+    parser.add_argument("--task", default="digits-handwritten", choices=sorted(PROXY_TASKS))
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-test", type=int, default=300)
     parser.add_argument("--config", type=json.loads, default={},
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.start_server and not args.api_key:
         parser.error("give --api-key (or COFT_API_KEY), or --start-server")
     # Digits change class when mirrored: no horizontal flips in the augmentations.
-    flips = {} if TASKS[args.task].flip_invariant else {"phase1": {"hflip": False}, "phase2": {"hflip": False}}
+    flips = {} if PROXY_TASKS[args.task].flip_invariant else {"phase1": {"hflip": False}, "phase2": {"hflip": False}}
     config = deep_merge(flips, args.config)
 
     with contextlib.ExitStack() as stack:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"started the service (python -m app.serve) at {args.url}, data in {workdir}")
         try:
             with console.status(f"rendering proxy task {args.task}"):
-                task = load_task(args.task, args.num_train, args.num_test)
+                task = load_proxy_task(args.task, args.num_train, args.num_test)
             console.print(f"proxy task {task.name}: {task.spec.description}; {len(task.train_images)} unlabeled "
                           f"images, {len(task.test_images)} labelled test images, "
                           f"classes: {', '.join(task.class_names)}")

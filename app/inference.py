@@ -12,8 +12,7 @@ from typing import Callable, Generic, Hashable, TypeVar
 
 from fastapi import UploadFile
 
-from coft.classifier import Predictions
-from coft.data import DataError, ImageSet, decode_image
+from coft import DataError, ImageSet, Predictions, decode_image
 from app.errors import Problem
 from app.schemas import ImagePrediction, LabelProbability
 from app.settings import Settings

@@ -18,7 +18,7 @@ def check_class_names(names: list[str]) -> list[str]:
     Distinct means distinct after coft.data.normalise_class_name ("Sea_lion" == "sea lion"), the
     rule an eval dataset's folders are matched by, so two classes can never claim one folder.
     """
-    from coft.data import normalise_class_name
+    from coft import normalise_class_name
 
     names = [n.strip() for n in names]
     if not 2 <= len(names) <= MAX_CLASSES:
@@ -108,7 +108,7 @@ class JobCreate(BaseModel):
     @model_validator(mode="after")
     def _descriptions(self) -> "JobCreate":
         if self.class_descriptions is not None:
-            from coft.descriptions import validate_descriptions
+            from coft import validate_descriptions
 
             self.class_descriptions = validate_descriptions(self.class_descriptions, self.class_names)
         return self

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from coft.data import DataLimits
+from coft import DataLimits
 
 
 class Settings(BaseSettings):

@@ -53,6 +53,11 @@ class Backbone:
         return autocast(self.device)
 
 
+def proxy_weights_installed() -> bool:
+    """Whether the shipped proxy model's config and weights are in place (`make pretrain-proxy` makes them)."""
+    return (PROXY_DIR / "open_clip_config.json").is_file() and any(PROXY_DIR.glob("open_clip_model.*"))
+
+
 def resolve_model_id(model: str) -> str:
     """The identifier open_clip understands: `proxy` is our shipped local-dir model."""
     return f"local-dir:{PROXY_DIR}" if model == PROXY_MODEL else model

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-import coft.pipeline  # noqa: F401 - imported in the parent, so each forked job process starts fast
 from app import backbones
 from app.db import session_scope
 from app.errors import Problem
@@ -31,11 +30,9 @@ from app.models import Classifier, Job, JobStatus, new_id
 from app.queue import TASK_NAME
 from app.settings import Settings, get_settings
 from app.storage import classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions
-from coft.config import CoFTConfig
-from coft.descriptions import LLMEndpoint
-from coft.data import DataError, open_images, open_labelled_images
-from coft.pipeline import LabelledImages, adapt
-from coft.progress import Progress
+# Importing adapt here, in the parent, loads torch and the method: each forked job process starts fast.
+from coft import (CoFTConfig, DataError, LabelledImages, LLMEndpoint, Progress, adapt, open_images,
+                  open_labelled_images)
 from worker.celery_app import celery_app
 
 log = logging.getLogger("worker.tasks")

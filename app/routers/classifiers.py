@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select, update
 from starlette.background import BackgroundTask
 
-from coft.classifier import Classifier as CoftClassifier
+from coft import Classifier as CoftClassifier
 from app.deps import SessionDep, get_owned, SettingsDep, StorageDep, TenantDep
 from app.inference import prediction_items, read_images
 from app.models import Classifier, Job

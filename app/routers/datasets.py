@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Response, UploadFile, status
 from sqlalchemy import or_, select
 
-from coft.data import DataError, open_images
+from coft import DataError, open_images
 from app.deps import SessionDep, SettingsDep, get_owned, StorageDep, TenantDep
 from app.errors import Problem
 from app.models import Dataset, Job, JobStatus, new_id

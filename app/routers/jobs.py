@@ -11,8 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from coft.config import CoFTConfig
-from coft.data import DataError, open_labelled_images
+from coft import CoFTConfig, DataError, open_labelled_images
 from app import backbones
 from app.deps import SessionDep, get_owned, SettingsDep, StorageDep, TenantDep
 from app.errors import Problem

@@ -10,7 +10,7 @@ from app import backbones
 from app.deps import SettingsDep, TenantDep
 from app.errors import Problem
 from app.inference import prediction_items, read_images
-from coft.classifier import zero_shot_classifier
+from coft import zero_shot_classifier
 from app.schemas import PredictResponse, check_class_names
 
 router = APIRouter(prefix="/v1/zero-shot", tags=["zero-shot"])
@@ -38,7 +38,7 @@ def zero_shot_predict(
     image_set = read_images(images, settings)
 
     def load():
-        from coft.backbone import load_backbone
+        from coft import load_backbone
 
         return load_backbone(model_id, weights, settings.device)
 
