@@ -25,4 +25,4 @@ COPY migrations ./migrations
 
 USER coft
 EXPOSE 8000
-CMD ["uvicorn", "app.main:app_factory", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "app.api.main:app_factory", "--factory", "--host", "0.0.0.0", "--port", "8000"]

@@ -25,7 +25,7 @@ def run_migrations(database_url: str, revision: str = "head") -> None:
 @app.command()
 def migrate(revision: str = typer.Option("head", help="Alembic revision to upgrade to")) -> None:
     """Create or upgrade the database schema (DATABASE_URL, default SQLite under COFT_DATA_DIR)."""
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -36,9 +36,9 @@ def migrate(revision: str = typer.Option("head", help="Alembic revision to upgra
 @app.command("create-key")
 def create_key_command(tenant: str = typer.Option(..., "--tenant", help="tenant name (created if new)")) -> None:
     """Create an API key for TENANT and print it. It is stored hashed: this is the only time it is shown."""
-    from app.auth import create_key
-    from app.db import session_scope
-    from app.settings import get_settings
+    from app.core.auth import create_key
+    from app.core.db import session_scope
+    from app.core.settings import get_settings
 
     with session_scope(get_settings().database_url) as session:
         key = create_key(session, tenant)

@@ -18,12 +18,12 @@ import time
 
 from sqlalchemy import func, select
 
-from app.auth import create_key
+from app.core.auth import create_key
 from app.cli import run_migrations
-from app.db import session_scope
-from app.logs import configure_logging
-from app.models import ApiKey
-from app.settings import get_settings
+from app.core.db import session_scope
+from app.core.logs import configure_logging
+from app.core.models import ApiKey
+from app.core.settings import get_settings
 
 log = logging.getLogger("app.serve")
 
@@ -64,7 +64,7 @@ def main() -> int:
         _ensure_a_key(settings)
         host, port = os.environ.get("HOST", "127.0.0.1"), os.environ.get("PORT", "8000")
         # Own sessions: Ctrl-C reaches only us, and we stop the children in order.
-        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app_factory", "--factory",
+        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api.main:app_factory", "--factory",
                                           "--host", host, "--port", port, "--no-access-log"],
                                          env=env, start_new_session=True))
         children.append(subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True))

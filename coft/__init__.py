@@ -26,6 +26,7 @@ _EXPORTS = {
     "open_images": "coft.data", "open_labelled_images": "coft.data", "decode_image": "coft.data",
     "ImageSet": "coft.data", "LabelledImageSet": "coft.data", "RejectedFile": "coft.data",
     "DataLimits": "coft.data", "DataError": "coft.data", "normalise_class_name": "coft.data",
+    "check_class_names": "coft.data", "MAX_CLASSES": "coft.data",
     # the artifact every method writes
     "Classifier": "coft.classifier", "Predictions": "coft.classifier", "zero_shot_classifier": "coft.classifier",
     # backbones and class descriptions
@@ -58,8 +59,9 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
     from coft.backbone import PROXY_MODEL, Backbone, load_backbone, proxy_weights_installed
     from coft.classifier import Classifier, Predictions, zero_shot_classifier
     from coft.config import DEFAULT_TEMPLATE, CoFTConfig
-    from coft.data import (DataError, DataLimits, ImageSet, LabelledImageSet, RejectedFile, decode_image,
-                           normalise_class_name, open_images, open_labelled_images)
+    from coft.data import (MAX_CLASSES, DataError, DataLimits, ImageSet, LabelledImageSet, RejectedFile,
+                           check_class_names, decode_image, normalise_class_name, open_images,
+                           open_labelled_images)
     from coft.descriptions import DescriptionError, LLMEndpoint, load_descriptions, validate_descriptions
     from coft.pipeline import METHODS, AdaptResult, LabelledImages, adapt
     from coft.progress import Progress, ProgressCallback

@@ -18,11 +18,16 @@ console = Console(stderr=True)
 def _class_names(classes: Optional[str], classes_file: Optional[Path]) -> list[str]:
     if (classes is None) == (classes_file is None):
         raise typer.BadParameter("give exactly one of --classes or --classes-file")
+    from coft.data import check_class_names
+
     if classes is not None:
         names = [c.strip() for c in classes.split(",")]
     else:
         names = [line.strip() for line in classes_file.read_text().splitlines()]
-    return [n for n in names if n]
+    try:
+        return check_class_names([n for n in names if n])
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--classes") from error
 
 
 def _open(images: Path):

@@ -208,6 +208,33 @@ def normalise_class_name(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
+MAX_CLASSES = 1000
+MAX_CLASS_NAME_CHARS = 200
+
+
+def check_class_names(names: Sequence[str]) -> list[str]:
+    """The names stripped of surrounding spaces, or ValueError saying what is wrong with them: the
+    one rule for class names, in the library, the CLI and the API alike.
+
+    Distinct means distinct after `normalise_class_name` ("Sea_lion" == "sea lion"), the rule an
+    evaluation set's folders are matched by, so two classes can never claim one folder.
+    """
+    names = [str(n).strip() for n in names]
+    if len(names) < 2:
+        raise ValueError(f"at least two class names are needed, got {len(names)}")
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"at most {MAX_CLASSES} class names, got {len(names)}")
+    if any(not n or len(n) > MAX_CLASS_NAME_CHARS for n in names):
+        raise ValueError(f"class names must not be blank, and at most {MAX_CLASS_NAME_CHARS} characters")
+    seen: dict[str, str] = {}
+    for name in names:
+        if (key := normalise_class_name(name)) in seen:
+            raise ValueError(f"class names must be distinct: {seen[key]!r} and {name!r} are the same class "
+                             "(case, spaces, _ and - do not count)")
+        seen[key] = name
+    return names
+
+
 def open_labelled_images(
     source: str | os.PathLike | bytes | BinaryIO,
     *,

@@ -33,6 +33,7 @@ from coft.backbone import PROXY_MODEL, Backbone, load_backbone
 from coft.classifier import Classifier, ImageClassifier, Predictions, zero_shot_classifier
 from coft.config import CoFTConfig
 from coft.contrastive import MomentumContrast, queue_size
+from coft.data import check_class_names
 from coft.descriptions import LLMEndpoint, description_features, resolve_descriptions
 from coft.image_cache import CachedImages, ImageSource, cached_images, image_fingerprint
 from coft.losses import clean_probability
@@ -85,7 +86,7 @@ def adapt(images: Sequence[Image.Image] | ImageSource, class_names: Sequence[str
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    class_names = _check_class_names(class_names)
+    class_names = check_class_names(class_names)
     if len(images) == 0:
         raise ValueError("no images to adapt on")
     config = config or CoFTConfig()
@@ -93,17 +94,6 @@ def adapt(images: Sequence[Image.Image] | ImageSource, class_names: Sequence[str
     run = _Run(images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation,
                descriptions, llm, labelled_shots)
     return run.execute()
-
-
-def _check_class_names(class_names: Sequence[str]) -> list[str]:
-    names = [str(n).strip() for n in class_names]
-    if len(names) < 2:
-        raise ValueError("at least two class names are needed")
-    if any(not n for n in names):
-        raise ValueError("class names must not be blank")
-    if len(set(n.lower() for n in names)) != len(names):
-        raise ValueError("class names must be distinct")
-    return names
 
 
 class _Run:

@@ -2,6 +2,7 @@
 
 - coft/ is a pure library: it never imports the service (app/, worker/) nor its frameworks.
 - app/ and worker/ use coft through its public API, `coft` itself, never its modules.
+- the service core (app/core) and the worker never import the HTTP layer (app/api, FastAPI).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def test_coft_never_imports_the_service(path):
 def test_the_service_uses_only_coft_public_api(path):
     wrong = [(line, module) for line, module in imports(path) if module.startswith("coft.")]
     assert not wrong, f"{path.relative_to(ROOT)} reaches into coft's modules (use `from coft import ...`): {wrong}"
+
+
+HTTP = {"fastapi", "starlette", "uvicorn", "multipart", "python_multipart"}
+
+
+@pytest.mark.parametrize("path", sources("app/core") + sources("worker"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_core_and_the_worker_never_import_http_code(path):
+    wrong = [(line, module) for line, module in imports(path)
+             if module.split(".")[0] in HTTP or module == "app.api" or module.startswith("app.api.")]
+    assert not wrong, f"{path.relative_to(ROOT)} imports the HTTP layer: {wrong}"
 
 
 def test_every_public_name_resolves():

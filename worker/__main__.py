@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from worker.celery_app import celery_app
+from worker.celery_app import celery_app, settings
 
 
 def main(argv: list[str]) -> None:
-    celery_app.worker_main(["worker", "--loglevel=INFO", "--concurrency=1", "--pool=prefork",
-                            # No gossip/mingle/events: workers coordinate through the job rows, not Celery.
-                            "--without-gossip", "--without-mingle", "--without-heartbeat", *argv])
+    # Everything else is configured in app.core.queue; these switch off worker bootsteps, which only the
+    # command line can: workers coordinate through the job rows, not through Celery's gossip.
+    celery_app.worker_main(["worker", f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle",
+                            "--without-heartbeat", *argv])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """The worker's Celery app: `python -m worker` (or `celery -A worker.celery_app worker`).
 
-One job at a time per worker process, for one GPU: concurrency 1, prefetch 1, late acks (from
-app.queue), and a fresh child process per job (max_tasks_per_child=1) so every job starts with
-clean GPU memory. The parent process imports torch and coft (children fork fast) but never
+One job at a time per worker process, for one GPU: concurrency 1, prefetch 1, late acks, and a
+fresh child process per job (all configured in app.core.queue). The parent process imports torch and coft (children fork fast) but never
 touches CUDA: a CUDA context does not survive fork. It runs the sweeper and announces itself
 in Redis for /readyz.
 """
@@ -14,22 +13,14 @@ import socket
 
 from celery import signals
 
-from app.db import get_engine
-from app.logs import configure_logging
-from app.queue import make_celery
-from app.settings import get_settings
+from app.core.db import get_engine
+from app.core.logs import configure_logging
+from app.core.queue import make_celery
+from app.core.settings import get_settings
 from worker.sweeper import Sweeper
 
 settings = get_settings()
-celery_app = make_celery(settings)
-celery_app.conf.update(
-    include=["worker.tasks"],
-    worker_concurrency=1,
-    worker_pool="prefork",
-    worker_max_tasks_per_child=1,
-    worker_hijack_root_logger=False,
-    worker_send_task_events=False,
-)
+celery_app = make_celery(settings, worker=True)
 log = logging.getLogger("worker")
 _sweeper: Sweeper | None = None
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import socket
 import sys
 
-from app.settings import get_settings
-from app.workers import live_workers
+from app.core.settings import get_settings
+from app.core.workers import live_workers
 
 
 def main() -> int:

@@ -19,11 +19,11 @@ import threading
 
 from celery import Celery
 
-from app.db import session_scope
-from app.jobs import sweep_stale, touch_long_queued
-from app.queue import enqueue_job
-from app.settings import Settings
-from app.workers import KEY_PREFIX, announce, redis_client
+from app.core.db import session_scope
+from app.core.jobs import sweep_stale, touch_long_queued
+from app.core.queue import enqueue_job
+from app.core.settings import Settings
+from app.core.workers import KEY_PREFIX, announce, redis_client
 
 log = logging.getLogger("worker.sweeper")
 

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from app import backbones
-from app.db import session_scope
-from app.errors import Problem
-from app.jobs import claim, fail, heartbeat, mark_cancelled, status_of, succeed
-from app.models import Classifier, Job, JobStatus, new_id
-from app.queue import TASK_NAME
-from app.settings import Settings, get_settings
-from app.storage import classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions
+from app.core import backbones
+from app.core.db import session_scope
+from app.core.errors import ServiceError
+from app.core.jobs import claim, fail, heartbeat, mark_cancelled, status_of, succeed
+from app.core.models import Classifier, Job, JobStatus, new_id
+from app.core.queue import TASK_NAME
+from app.core.settings import Settings, get_settings
+from app.core.storage import classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions
 # Importing adapt here, in the parent, loads torch and the method: each forked job process starts fast.
 from coft import (CoFTConfig, DataError, LabelledImages, LLMEndpoint, Progress, adapt, open_images,
                   open_labelled_images)
@@ -124,8 +124,8 @@ class JobRun:
             raise JobFailure("dataset-deleted", "the job's dataset was deleted")
         try:
             model, pretrained = backbones.resolve(self.settings, job.backbone_model, job.backbone_pretrained)
-        except Problem as problem:
-            raise JobFailure(problem.slug, problem.detail) from None
+        except ServiceError as error:
+            raise JobFailure(error.slug, error.detail) from None
         config = CoFTConfig.from_dict(job.config)
         # Datasets were decoded whole when they were uploaded: here only headers are read, and the run
         # decodes each image once, into its cache.

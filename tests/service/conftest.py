@@ -22,12 +22,12 @@ import httpx
 import pytest
 import uvicorn
 
-from app.auth import create_key
+from app.core.auth import create_key
 from app.cli import run_migrations
-from app.db import session_scope
-from app.main import create_app
-from app.settings import Settings
-from app.workers import live_workers
+from app.core.db import session_scope
+from app.api.main import create_app
+from app.core.settings import Settings
+from app.core.workers import live_workers
 from tests.service.helpers import TINY_MODEL, free_port, wait_for, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from app.backbones import proxy_available
+from app.core.backbones import proxy_available
 from tests.service.conftest import REPO
 
 TINY_JOB = {"phase1": {"epochs": 1}, "phase2": {"epochs": 1}, "pseudo_labels": {"top_k": 2}}

@@ -98,7 +98,7 @@ def test_compose_commands_exist(compose):
 
 def test_compose_environment_names_are_settings(compose):
     """Every COFT_* variable compose sets is a field of app.settings.Settings (no silent typos)."""
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     fields = {f"COFT_{name.upper()}" for name in Settings.model_fields}
     for service in compose["services"].values():

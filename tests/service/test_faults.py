@@ -19,11 +19,11 @@ import time
 import httpx
 import pytest
 
-from app.db import session_scope
-from app.main import create_app
-from app.models import Job
-from app.settings import Settings
-from app.storage import LocalStorage
+from app.core.db import session_scope
+from app.api.main import create_app
+from app.core.models import Job
+from app.core.settings import Settings
+from app.core.storage import LocalStorage
 from tests.service.conftest import REPO, WORKER_ENV, ServerThread, Stack
 from tests.service.helpers import api_answers, free_port, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
@@ -165,7 +165,7 @@ def test_restarting_the_api_loses_nothing(sqlite_stack):
     stack = sqlite_stack
 
     def start_api(port: int) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app_factory", "--factory",
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api.main:app_factory", "--factory",
                                     "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=stack.env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: api_answers(f"http://127.0.0.1:{port}") or process.poll() is not None, 60, 0.2, "the API")
@@ -203,9 +203,9 @@ def test_the_worker_never_forks_in_the_middle_of_a_sweep(tmp_path, models_dir, r
     first connect with the worker's only slot (it hung CI). So a fork must wait for the sweep.
     Here a sweep is held inside SQLite by a write lock the test owns; a fork must return only after
     the test lets the sweep finish."""
-    from app.auth import get_or_create_tenant
+    from app.core.auth import get_or_create_tenant
     from app.cli import run_migrations
-    from app.queue import make_celery
+    from app.core.queue import make_celery
     from worker.sweeper import Sweeper, fork_guard
 
     settings = Settings(_env_file=None, data_dir=tmp_path, models_dir=models_dir, redis_url=f"{redis_server}/3",

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from app.main import create_app
+from app.api.main import create_app
 from tests.service.conftest import ServerThread
 
 EXAMPLES_PER_OPERATION = 25

@@ -35,7 +35,7 @@ LIMITS = {"max_upload_bytes": 2**20, "max_predict_bytes": 2**20, "max_archive_en
 @pytest.fixture(scope="module")
 def strict(stacks):
     """(stack, base URL of an API with LIMITS on the stack's database and data directory)."""
-    from app.main import create_app
+    from app.api.main import create_app
 
     stack = stacks("sqlite")
     server = ServerThread(create_app(stack.settings.model_copy(update=LIMITS)))

@@ -197,8 +197,8 @@ def test_worker_death_requeues_and_resumes_from_checkpoints(worker_stack, api):
     import os
     import signal
 
-    from app.db import session_scope
-    from app.models import Job
+    from app.core.db import session_scope
+    from app.core.models import Job
 
     dataset_id = upload(api, image_zip(20))
     job_id = api.post("/v1/jobs", json=job_body(dataset_id)).json()["id"]

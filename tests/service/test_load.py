@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 
-from app.main import create_app
+from app.api.main import create_app
 from tests.service.conftest import REPO, ServerThread
 from tests.service.test_jobs import job_body, upload, wait_terminal
 from tests.service.helpers import image_zip

@@ -14,9 +14,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from app.cli import run_migrations
-from app.db import get_engine
-from app.main import create_app
-from app.models import Base
+from app.core.db import get_engine
+from app.api.main import create_app
+from app.core.models import Base
 from tests.service.conftest import REPO, ServerThread
 from tests.service.helpers import TINY_MODEL, free_port, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
@@ -40,7 +40,7 @@ def test_livez_readyz_metrics(worker_stack, api):
 
 
 def test_worker_keeps_cuda_out_of_its_parent_process(worker_stack):
-    from app.workers import live_workers
+    from app.core.workers import live_workers
 
     workers = live_workers(worker_stack.settings)
     assert workers and all(info["cuda_initialized"] is False for info in workers.values())

@@ -13,7 +13,7 @@ import threading
 import httpx
 import pytest
 
-from app.main import create_app
+from app.api.main import create_app
 from tests.service.conftest import REPO, ServerThread
 from tests.service.helpers import TINY_MODEL, api_answers, free_port, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
@@ -98,7 +98,7 @@ def test_keys_are_never_logged_or_stored_in_clear(owned):
     wrong = "coft_" + os.urandom(20).hex()
     port = free_port()
     env = {**stack.env, "COFT_LOG_LEVEL": "DEBUG"}
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app_factory", "--factory", "--host",
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api.main:app_factory", "--factory", "--host",
                             "127.0.0.1", "--port", str(port), "--log-level", "debug"], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

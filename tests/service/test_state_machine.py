@@ -6,11 +6,11 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from app.auth import get_or_create_tenant
-from app.db import session_scope
-from app.jobs import (claim, fail, fail_unqueued, heartbeat, mark_cancelled, request_cancel, succeed,
+from app.core.auth import get_or_create_tenant
+from app.core.db import session_scope
+from app.core.jobs import (claim, fail, fail_unqueued, heartbeat, mark_cancelled, request_cancel, succeed,
                       sweep_stale)
-from app.models import Classifier, Job, JobStatus, utcnow
+from app.core.models import Classifier, Job, JobStatus, utcnow
 
 
 def new_job(url: str) -> str:
@@ -137,7 +137,7 @@ def test_sweeper_finishes_orphaned_cancellations(stack):
 
 
 def test_long_queued_jobs_are_handed_out_for_resending_once_per_period(stack):
-    from app.jobs import touch_long_queued
+    from app.core.jobs import touch_long_queued
 
     url = stack.database_url
     waiting, running = new_job(url), new_job(url)

@@ -15,16 +15,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from app.errors import Problem
-from app.settings import Settings
+from app.core.errors import Invalid
+from app.core.settings import Settings
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _HF_HUB = re.compile(r"^hf-hub:[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 CONFIG_FILE = "open_clip_config.json"
 
 
-def unknown_model(detail: str) -> Problem:
-    return Problem(422, "unknown-model", detail, "Unknown model")
+def unknown_model(detail: str) -> Invalid:
+    return Invalid("unknown-model", detail, "Unknown model")
 
 
 def local_models(settings: Settings) -> dict[str, Path]:

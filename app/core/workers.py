@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 KEY_PREFIX = "coft:worker:"
 

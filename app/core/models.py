@@ -87,7 +87,18 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Job(Base):
+class _NamesABackbone:
+    """The backbone a job adapted, or a classifier was built on, as the API names it."""
+
+    backbone_model: Mapped[str] = mapped_column(String(500))
+    backbone_pretrained: Mapped[str | None] = mapped_column(String(500))
+
+    @property
+    def backbone(self) -> dict[str, str | None]:
+        return {"model": self.backbone_model, "pretrained": self.backbone_pretrained}
+
+
+class Job(_NamesABackbone, Base):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),)
 
@@ -98,8 +109,6 @@ class Job(Base):
     eval_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     class_names: Mapped[list[Any]]
     method: Mapped[str] = mapped_column(String(32))
-    backbone_model: Mapped[str] = mapped_column(String(500))
-    backbone_pretrained: Mapped[str | None] = mapped_column(String(500))
     template: Mapped[str | None] = mapped_column(String(500))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the user's overrides, validated
     class_descriptions: Mapped[dict[str, Any] | None]  # CoFT+ prompts given by the user, {class: [sentences]}
@@ -127,16 +136,18 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     duration_s: Mapped[float | None] = mapped_column(Float)  # started -> finished, for /metrics
 
+    @property
+    def error(self) -> dict[str, str] | None:
+        return {"code": self.error_code, "message": self.error_message or ""} if self.error_code else None
 
-class Classifier(Base):
+
+class Classifier(_NamesABackbone, Base):
     __tablename__ = "classifiers"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("clf"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     class_names: Mapped[list[Any]]
     method: Mapped[str] = mapped_column(String(32))
-    backbone_model: Mapped[str] = mapped_column(String(500))
-    backbone_pretrained: Mapped[str | None] = mapped_column(String(500))
     num_members: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,9 +13,9 @@ from typing import Callable, Generic, Hashable, TypeVar
 from fastapi import UploadFile
 
 from coft import DataError, ImageSet, Predictions, decode_image
-from app.errors import Problem
-from app.schemas import ImagePrediction, LabelProbability
-from app.settings import Settings
+from app.api.errors import Problem
+from app.api.schemas import ImagePrediction, LabelProbability
+from app.core.settings import Settings
 
 V = TypeVar("V")
 

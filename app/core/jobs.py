@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.models import Classifier, Job, JobStatus, utcnow
+from app.core.models import Classifier, Job, JobStatus, utcnow
 
 
 def _transition(session: Session, job_id: str, where: list, **values: Any) -> bool:

@@ -20,6 +20,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.core.errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
+
 PROBLEM_BASE = "https://coft.dev/problems/"
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("app.errors")
@@ -37,9 +39,8 @@ class Problem(Exception):
         self.extensions = extensions
 
 
-def not_found(kind: str, id_: str) -> Problem:
-    """Also what another tenant's id answers: existence is not revealed across tenants."""
-    return Problem(404, f"{kind}-not-found", f"no {kind} {id_!r}", title=f"{kind.capitalize()} not found")
+# What each kind of core error answers.
+_CORE_STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, Unavailable: 503}
 
 
 def problem_response(status: int, slug: str, title: str, detail: str, instance: str | None = None,
@@ -73,6 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.slug, exc.title, exc.detail, request.url.path, exc.headers,
                                 **exc.extensions)
+
+    @app.exception_handler(ServiceError)
+    async def _core(request: Request, exc: ServiceError) -> JSONResponse:
+        status = next(code for kind, code in _CORE_STATUS.items() if isinstance(exc, kind))
+        return problem_response(status, exc.slug, exc.title, exc.detail, request.url.path, **exc.extensions)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

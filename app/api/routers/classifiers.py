@@ -10,46 +10,42 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Query, Request, UploadFile, status
 from fastapi.responses import FileResponse
-from sqlalchemy import select, update
+from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from coft import Classifier as CoftClassifier
-from app.deps import SessionDep, get_owned, SettingsDep, StorageDep, TenantDep
-from app.inference import prediction_items, read_images
-from app.models import Classifier, Job
-from app.pagination import PageDep, paginate
-from app.schemas import ClassifierOut, Page, PredictResponse
-from app.storage import classifier_dir
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.inference import prediction_items, read_images
+from app.api.pagination import PageDep, paginate
+from app.api.schemas import ClassifierOut, Page, PredictResponse
+from app.core import crud
+from app.core.models import Classifier
+from app.core.storage import classifier_dir
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
 
 def get_owned_classifier(session, tenant, classifier_id: str) -> Classifier:
-    return get_owned(session, tenant, Classifier, classifier_id, "classifier")
+    return crud.owned(session, tenant.id, Classifier, classifier_id, "classifier")
 
 
 @router.get("", response_model=Page[ClassifierOut])
 def list_classifiers(session: SessionDep, tenant: TenantDep, page: PageDep) -> dict:
     items, total = paginate(session, select(Classifier).where(Classifier.tenant_id == tenant.id), page,
                             (Classifier.created_at.desc(), Classifier.id))
-    return {"items": [ClassifierOut.of(c) for c in items], "total": total, "limit": page.limit,
-            "offset": page.offset}
+    return {"items": items, "total": total, "limit": page.limit, "offset": page.offset}
 
 
 @router.get("/{classifier_id}", response_model=ClassifierOut)
-def get_classifier(classifier_id: str, session: SessionDep, tenant: TenantDep) -> ClassifierOut:
-    return ClassifierOut.of(get_owned_classifier(session, tenant, classifier_id))
+def get_classifier(classifier_id: str, session: SessionDep, tenant: TenantDep) -> Classifier:
+    return get_owned_classifier(session, tenant, classifier_id)
 
 
 @router.delete("/{classifier_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_classifier(classifier_id: str, request: Request, session: SessionDep, tenant: TenantDep,
                       storage: StorageDep) -> None:
-    row = get_owned_classifier(session, tenant, classifier_id)
-    session.execute(update(Job).where(Job.classifier_id == classifier_id).values(classifier_id=None))
-    session.delete(row)
-    session.commit()
+    crud.delete_classifier(session, tenant.id, storage, classifier_id)
     request.app.state.classifiers.discard(classifier_id)
-    storage.delete(classifier_dir(classifier_id))
 
 
 @router.post("/{classifier_id}/predict", response_model=PredictResponse,

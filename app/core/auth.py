@@ -12,7 +12,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Tenant
+from app.core.models import ApiKey, Tenant
 
 KEY_PREFIX = "coft_"
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.auth import tenant_for_key
-from app.db import session_factory
-from app.errors import Problem, not_found
-from app.models import Tenant
-from app.settings import Settings
-from app.storage import Storage
+from app.core.auth import tenant_for_key
+from app.core.db import session_factory
+from app.api.errors import Problem
+from app.core.models import Tenant
+from app.core.settings import Settings
+from app.core.storage import Storage
 
 
 def get_settings(request: Request) -> Settings:
@@ -53,14 +53,3 @@ SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-
-
-Owned = TypeVar("Owned")
-
-
-def get_owned(session: Session, tenant: Tenant, model: type[Owned], id_: str, kind: str) -> Owned:
-    """A tenant's row by id; another tenant's id answers the same 404 as an unknown one."""
-    row = session.get(model, id_)
-    if row is None or row.tenant_id != tenant.id:
-        raise not_found(kind, id_)
-    return row

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app import backbones
-from app.deps import SettingsDep, TenantDep
-from app.schemas import ModelOut
+from app.core import backbones
+from app.api.deps import SettingsDep, TenantDep
+from app.api.schemas import ModelOut
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -21,10 +21,10 @@ import time
 import anyio
 from limits import parse_many, storage, strategies
 
-from app.auth import tenant_for_key
-from app.db import session_factory
-from app.errors import problem_response
-from app.settings import Settings
+from app.core.auth import tenant_for_key
+from app.core.db import session_factory
+from app.api.errors import problem_response
+from app.core.settings import Settings
 
 log = logging.getLogger("app.gate")
 

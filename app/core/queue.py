@@ -1,11 +1,11 @@
-"""The Celery app as both sides see it. The API only publishes (a job id, nothing else); the
-worker adds its execution settings in worker/celery_app.py on top of this one configuration."""
+"""The Celery app, configured from the settings in this one place. The API only publishes (a job id,
+nothing else); `make_celery(settings, worker=True)` adds how a worker runs jobs."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 TASK_NAME = "coft.run_job"
 QUEUE = "coft-jobs"
@@ -15,7 +15,7 @@ QUEUE = "coft-jobs"
 VISIBILITY_MARGIN_S = 3600
 
 
-def make_celery(settings: Settings) -> Celery:
+def make_celery(settings: Settings, worker: bool = False) -> Celery:
     celery = Celery("coft", broker=settings.broker_url)
     hard_limit = settings.job_time_limit_s
     celery.conf.update(
@@ -31,6 +31,17 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_timeout=5,
     )
     assert celery.conf.broker_transport_options["visibility_timeout"] > celery.conf.task_time_limit
+    if worker:
+        # One job at a time per worker process, for one GPU, and a fresh child process per job so that
+        # every job starts with clean GPU memory.
+        celery.conf.update(
+            include=["worker.tasks"],
+            worker_concurrency=1,
+            worker_pool="prefork",
+            worker_max_tasks_per_child=1,
+            worker_hijack_root_logger=False,
+            worker_send_task_events=False,
+        )
     return celery
 
 

@@ -15,8 +15,8 @@ from sqlalchemy import case, func, select
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.db import session_factory
-from app.models import Job, JobStatus
+from app.core.db import session_factory
+from app.core.models import Job, JobStatus
 
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 

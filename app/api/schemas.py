@@ -7,31 +7,10 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.core.crud import JobRequest
+from coft import MAX_CLASSES, check_class_names
+
 T = TypeVar("T")
-MAX_CLASSES = 1000
-MAX_CLASS_NAME_CHARS = 200
-
-
-def check_class_names(names: list[str]) -> list[str]:
-    """The names stripped of surrounding spaces, or ValueError saying what is wrong with them.
-
-    Distinct means distinct after coft.data.normalise_class_name ("Sea_lion" == "sea lion"), the
-    rule an eval dataset's folders are matched by, so two classes can never claim one folder.
-    """
-    from coft import normalise_class_name
-
-    names = [n.strip() for n in names]
-    if not 2 <= len(names) <= MAX_CLASSES:
-        raise ValueError(f"give 2 to {MAX_CLASSES} class names, not {len(names)}")
-    if any(not n or len(n) > MAX_CLASS_NAME_CHARS for n in names):
-        raise ValueError(f"class names must be 1 to {MAX_CLASS_NAME_CHARS} characters, not blank")
-    seen: dict[str, str] = {}
-    for name in names:
-        if (key := normalise_class_name(name)) in seen:
-            raise ValueError(f"class names {seen[key]!r} and {name!r} are the same class (case, spaces, _ and - "
-                             "do not count)")
-        seen[key] = name
-    return names
 
 
 class Page(BaseModel, Generic[T]):
@@ -113,6 +92,13 @@ class JobCreate(BaseModel):
             self.class_descriptions = validate_descriptions(self.class_descriptions, self.class_names)
         return self
 
+    def as_request(self) -> JobRequest:
+        return JobRequest(dataset_id=self.dataset_id, class_names=self.class_names, method=self.method,
+                          model=self.backbone.model if self.backbone else None,
+                          pretrained=self.backbone.pretrained if self.backbone else None, template=self.template,
+                          config=self.config, eval_dataset_id=self.eval_dataset_id,
+                          class_descriptions=self.class_descriptions)
+
 
 class JobError(BaseModel):
     code: str
@@ -123,7 +109,7 @@ JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelling"
 
 
 class JobOut(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
         "id": "job_8e1f0c2d3b4a59687766", "status": "running", "stage": "phase1-model1", "progress": 0.31,
         "eta_s": 412.0, "metrics": {"s_star_size": 48}, "error": None, "classifier_id": None,
         "dataset_id": "ds_3f9c2a1b7e8d4c5a6b7c", "eval_dataset_id": None, "class_names": ["sparrow", "robin"],
@@ -152,19 +138,15 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
 
+    @field_validator("metrics", "config", mode="before")
     @classmethod
-    def of(cls, job) -> "JobOut":
-        return cls(
-            id=job.id, status=job.status.value, stage=job.stage, progress=job.progress, eta_s=job.eta_s,
-            metrics=job.metrics or {}, classifier_id=job.classifier_id, dataset_id=job.dataset_id,
-            error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-            eval_dataset_id=job.eval_dataset_id, class_names=job.class_names, method=job.method,
-            backbone=BackboneSpec(model=job.backbone_model, pretrained=job.backbone_pretrained),
-            template=job.template, config=job.config or {}, attempts=job.attempts, created_at=job.created_at,
-            updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at)
+    def _empty(cls, value: Any) -> Any:
+        return {} if value is None else value
 
 
 class ClassifierOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     job_id: str | None
     class_names: list[str]
@@ -173,12 +155,6 @@ class ClassifierOut(BaseModel):
     num_members: int
     size_bytes: int
     created_at: datetime
-
-    @classmethod
-    def of(cls, row) -> "ClassifierOut":
-        return cls(id=row.id, job_id=row.job_id, class_names=row.class_names, method=row.method,
-                   backbone=BackboneSpec(model=row.backbone_model, pretrained=row.backbone_pretrained),
-                   num_members=row.num_members, size_bytes=row.size_bytes, created_at=row.created_at)
 
 
 class LabelProbability(BaseModel):

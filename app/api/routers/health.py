@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from app.db import get_engine
-from app.errors import problem_response
+from app.core.db import get_engine
+from app.api.errors import problem_response
 
 router = APIRouter(tags=["operations"])
 
@@ -37,7 +37,7 @@ def readyz(request: Request):
 
 
 def _queue_checks(settings) -> dict[str, str]:
-    from app.workers import live_workers  # Redis client, imported here so /livez never needs it
+    from app.core.workers import live_workers  # Redis client, imported here so /livez never needs it
 
     try:
         workers = live_workers(settings)

@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
-from app import backbones
-from app.deps import SettingsDep, TenantDep
-from app.errors import Problem
-from app.inference import prediction_items, read_images
-from coft import zero_shot_classifier
-from app.schemas import PredictResponse, check_class_names
+from app.core import backbones
+from app.api.deps import SettingsDep, TenantDep
+from app.api.errors import Problem
+from app.api.inference import prediction_items, read_images
+from app.api.schemas import PredictResponse
+from coft import check_class_names, zero_shot_classifier
 
 router = APIRouter(prefix="/v1/zero-shot", tags=["zero-shot"])
 DEFAULT_TEMPLATE = "a photo of a {}."

@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(settings)`; uvicorn runs `app.main:app_factory --factory`."""
+"""The FastAPI application: `create_app(settings)`; uvicorn runs `app.api.main:app_factory --factory`."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.auth import ensure_key
-from app.db import session_scope
-from app.errors import BodySizeLimit, document_problems, install_error_handlers
-from app.gate import FileRouteGate, RateLimits, bucket_for
-from app.logs import configure_logging
-from app.metrics import LatencyMiddleware, Metrics
-from app.queue import make_celery
-from app.inference import LRUCache
-from app.routers import classifiers, datasets, health, jobs, models, zero_shot
-from app.settings import Settings, get_settings
-from app.storage import get_storage
+from app.core.auth import ensure_key
+from app.core.db import session_scope
+from app.api.errors import BodySizeLimit, document_problems, install_error_handlers
+from app.api.gate import FileRouteGate, RateLimits, bucket_for
+from app.core.logs import configure_logging
+from app.api.metrics import LatencyMiddleware, Metrics
+from app.core.queue import make_celery
+from app.api.inference import LRUCache
+from app.api.routers import classifiers, datasets, health, jobs, models, zero_shot
+from app.core.settings import Settings, get_settings
+from app.core.storage import get_storage
 
 log = logging.getLogger("app")
 

@@ -1,0 +1,198 @@
+"""What the API does to a tenant's rows, out of the routers: upload a dataset, create a job
+(idempotently), cancel it, delete things. Every function takes the tenant's id and answers
+another tenant's id exactly like an unknown one (NotFound).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from celery import Celery
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coft import CoFTConfig, DataError, open_images, open_labelled_images
+from app.core import backbones
+from app.core.errors import Conflict, Invalid, Unavailable, not_found
+from app.core.jobs import fail_unqueued, request_cancel
+from app.core.models import Classifier, Dataset, Job, JobStatus, new_id
+from app.core.queue import enqueue_job
+from app.core.settings import Settings
+from app.core.storage import Storage, classifier_dir, dataset_archive, dataset_dir, job_predictions
+
+MAX_REJECTED_STORED = 1000
+log = logging.getLogger("app.core")
+Row = TypeVar("Row")
+
+
+def owned(session: Session, tenant_id: str, model: type[Row], id_: str, kind: str) -> Row:
+    """A tenant's row by id; another tenant's id answers the same NotFound as an unknown one."""
+    row = session.get(model, id_)
+    if row is None or row.tenant_id != tenant_id:
+        raise not_found(kind, id_)
+    return row
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def create_dataset(session: Session, tenant_id: str, storage: Storage, settings: Settings, filename: str | None,
+                   chunks: Iterable[bytes]) -> Dataset:
+    """Store an uploaded archive and check every image in it; unusable files are listed, a hostile or
+    empty archive is refused (Invalid, with coft.data's code) and nothing of it is kept."""
+    dataset_id = new_id("ds")
+    key = dataset_archive(dataset_id)
+    size, sha256 = storage.write(key, chunks)
+    try:
+        with storage.local_file(key) as path:
+            images = open_images(path, limits=settings.data_limits())  # decodes every image: bad ones are `rejected`
+    except DataError as error:
+        storage.delete(dataset_dir(dataset_id))
+        raise Invalid(error.code, error.message, "Unusable dataset") from None
+    rejected = [{"path": r.path, "reason": r.reason} for r in images.rejected]
+    # NUL is the one character PostgreSQL text refuses; a client-chosen name must not make a 500.
+    dataset = Dataset(id=dataset_id, tenant_id=tenant_id, filename=(filename or "upload").replace("\x00", "")[:500],
+                      size_bytes=size, sha256=sha256, num_images=len(images),
+                      rejected=rejected[:MAX_REJECTED_STORED], num_rejected=len(rejected))
+    session.add(dataset)
+    session.commit()
+    return dataset
+
+
+def delete_dataset(session: Session, tenant_id: str, storage: Storage, dataset_id: str) -> None:
+    dataset = owned(session, tenant_id, Dataset, dataset_id, "dataset")
+    active = session.scalars(select(Job.id).where(
+        or_(Job.dataset_id == dataset_id, Job.eval_dataset_id == dataset_id),
+        Job.status.in_([s for s in JobStatus if s.active]))).all()
+    if active:
+        raise Conflict("dataset-in-use", f"jobs {', '.join(active)} use this dataset; cancel them or wait",
+                       "Dataset in use", jobs=list(active))
+    session.delete(dataset)
+    session.commit()
+    storage.delete(dataset_dir(dataset_id))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated job request (app.api.schemas.JobCreate checks the shapes; this module the rest)."""
+
+    dataset_id: str
+    class_names: list[str]
+    method: str
+    model: str | None  # None: the service's default model
+    pretrained: str | None
+    template: str | None
+    config: dict[str, Any] | None
+    eval_dataset_id: str | None
+    class_descriptions: dict[str, list[str]] | None
+
+
+def method_config(request: JobRequest) -> dict:
+    """The user's overrides with the template folded in, validated by coft (Invalid on unknown keys/types)."""
+    overrides = json.loads(json.dumps(request.config or {}))
+    if request.template is not None:
+        if not isinstance(overrides.setdefault("pseudo_labels", {}), dict):
+            raise Invalid("invalid-config", "config.pseudo_labels must be an object", "Invalid config")
+        overrides["pseudo_labels"]["template"] = request.template
+    try:
+        CoFTConfig.from_dict(overrides)
+    except ValueError as error:
+        raise Invalid("invalid-config", str(error), "Invalid config") from None
+    return overrides
+
+
+def create_job(session: Session, tenant_id: str, request: JobRequest, *, settings: Settings, storage: Storage,
+               celery: Celery | None, idempotency_key: str | None, request_hash: str) -> tuple[Job, bool]:
+    """A new QUEUED job, committed and then enqueued; or, for an Idempotency-Key seen before with the
+    same request, that first job. Returns (job, replayed)."""
+    if idempotency_key is not None and (replay := _replay(session, tenant_id, idempotency_key, request_hash)):
+        return replay, True
+    dataset = owned(session, tenant_id, Dataset, request.dataset_id, "dataset")
+    if request.eval_dataset_id is not None:
+        _check_eval_dataset(owned(session, tenant_id, Dataset, request.eval_dataset_id, "dataset").id,
+                            request.class_names, storage, settings)
+    model = request.model or settings.default_model
+    backbones.resolve(settings, model, request.pretrained)
+    job = Job(tenant_id=tenant_id, dataset_id=dataset.id, eval_dataset_id=request.eval_dataset_id,
+              class_names=request.class_names, method=request.method, backbone_model=model,
+              backbone_pretrained=request.pretrained, template=request.template, config=method_config(request),
+              class_descriptions=request.class_descriptions, idempotency_key=idempotency_key,
+              request_hash=request_hash)
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        session.rollback()
+        replay = _replay(session, tenant_id, idempotency_key, request_hash)
+        if replay is None:
+            raise
+        return replay, True
+    # Committed before it is enqueued: the worker must find the row the message points to.
+    try:
+        enqueue_job(celery, job.id)
+    except Exception as error:  # noqa: BLE001 - any broker failure
+        log.error("could not enqueue job", extra={"job_id": job.id, "error": repr(error)})
+        fail_unqueued(session, job.id, "queue-unavailable", "the job could not be enqueued")
+        raise Unavailable("queue-unavailable", "the job queue is unavailable; try again later",
+                          "Service unavailable") from None
+    log.info("job created", extra={"job_id": job.id, "tenant_id": tenant_id, "method": job.method})
+    return job, False
+
+
+def _replay(session: Session, tenant_id: str, key: str, request_hash: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.request_hash != request_hash:
+        raise Conflict("idempotency-key-reused", "this Idempotency-Key was used with a different request body",
+                       "Idempotency key reused", job_id=job.id)
+    return job
+
+
+def _check_eval_dataset(dataset_id: str, class_names: list[str], storage: Storage, settings: Settings) -> None:
+    """Fail now, not an hour into training, if the holdout's folders are not the job's classes."""
+    try:
+        with storage.local_file(dataset_archive(dataset_id)) as path:
+            open_labelled_images(path, class_names=class_names, limits=settings.data_limits())
+    except DataError as error:
+        raise Invalid(error.code, f"eval dataset: {error.message}", "Unusable eval dataset") from None
+    except ValueError as error:
+        raise Invalid("invalid-class-names", str(error), "Invalid class names") from None
+
+
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one becomes CANCELLING (its worker stops within
+    seconds). A finished job cannot be cancelled (Conflict); a cancelled one stays so."""
+    owned(session, tenant_id, Job, job_id, "job")
+    after = request_cancel(session, job_id)
+    if after in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise Conflict("job-finished", f"the job already {after.value}", "Job already finished")
+    session.expire_all()
+    return owned(session, tenant_id, Job, job_id, "job")
+
+
+def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job_id: str) -> list[dict]:
+    """The classifier's label for every image of the job's dataset, in archive path order."""
+    job = owned(session, tenant_id, Job, job_id, "job")
+    if job.status != JobStatus.SUCCEEDED:
+        raise Conflict("job-not-succeeded", f"the job is {job.status.value}; predictions exist once it succeeds",
+                       "No predictions yet")
+    with storage.open(job_predictions(job_id)) as handle:
+        return json.load(handle)
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+def delete_classifier(session: Session, tenant_id: str, storage: Storage, classifier_id: str) -> None:
+    row = owned(session, tenant_id, Classifier, classifier_id, "classifier")
+    session.execute(update(Job).where(Job.classifier_id == classifier_id).values(classifier_id=None))
+    session.delete(row)
+    session.commit()
+    storage.delete(classifier_dir(classifier_id))
