@@ -33,3 +33,13 @@ def validated_by(labels: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor)
     """
     rows = torch.arange(labels.shape[0])
     return s_pos[rows, labels] > s_neg[rows, labels]
+
+
+def s_star(probabilities: torch.Tensor, k: int, unlabeled: int,
+           shot_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """S*: the top-k per class among the unlabeled images (the first `unlabeled` rows), then every
+    labelled shot that follows them, with its true label."""
+    indices, labels = top_k_per_class(probabilities[:unlabeled], k)
+    shot_labels = torch.empty(0, dtype=torch.long) if shot_labels is None else shot_labels
+    shots = torch.arange(unlabeled, unlabeled + len(shot_labels))
+    return torch.cat([indices, shots]), torch.cat([labels, shot_labels])

@@ -170,14 +170,15 @@ def test_rounds_reinitialise_and_train_on_the_previous_rounds_top_k(tiny_backbon
     indices, labels = result.selections["s_star_model1_round2"]
     # Round 2 alone, from scratch, on the same data: a fresh model, same init (the round-2 seed), same
     # data order. If round 2 had started from round 1's weights, the two would differ.
-    from coft.pipeline import _Run
+    from coft import seeding, stages
+    from coft.pipeline import _phase1_rounds, _Run
 
     run = _Run(tiny_images, CLASSES, "coft+", tiny_backbone, config, None, None, None)
-    round2_seed = run._seed(1) + 100
+    round2_seed = seeding.round_seed(config.seed, 1, 2)
     fresh, _ = train_prompt_model(tiny_backbone, CLASSES, tiny_source, indices, labels, config.phase1, round2_seed)
-    zero_shot = run._stage("zero-shot", run._zero_shot)
-    round1 = run._phase1_model(1, zero_shot)
-    round2 = run._phase1_round(1, 2, round1)
+    zero_shot = stages.zero_shot(tiny_backbone, run.source("train"), *run.pseudo_label_prompts(),
+                                 config.pseudo_labels.top_k, run.unlabeled, run.shot_labels, 8, lambda f, m: None)
+    round1, round2 = _phase1_rounds(run, 1, zero_shot)
     for (name, a), b in zip(fresh.state_dict().items(), round2.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert not torch.equal(round1.prompts.positive, round2.prompts.positive)

@@ -207,21 +207,22 @@ def test_validated_by_both_directions_uses_the_other_models_scores():
 def test_pipeline_filter_lets_each_model_judge_the_other(tiny_backbone, tiny_images, tiny_source):
     """The pipeline's filter: model 1 labels U with its positive prompts and model 2 validates, and back."""
     from coft.phase1 import score_images
-    from coft.pipeline import _Run
+    from coft.stages import collaborative_filter
 
-    config = tiny_config()
     models = [PromptModel(tiny_backbone, CLASSES, Phase1Config(**TINY_PHASE1, context_init_std=0.5), seed)
               for seed in (1, 2)]
-    run = _Run(tiny_images, CLASSES, "coft", tiny_backbone, config, None, None, None)
-    filtered = run._filter(models, lambda fraction, message: None)
+    filtered = collaborative_filter(models, tiny_backbone, tiny_source, 8, torch.empty(0, dtype=torch.long), 8,
+                                    lambda fraction, message: None)
     (pos1, neg1), (pos2, neg2) = [score_images(m, tiny_backbone, tiny_source, 8) for m in models]
     labels1, labels2 = pos1.argmax(dim=1), pos2.argmax(dim=1)
-    assert torch.equal(filtered["labels"][0], labels1) and torch.equal(filtered["labels"][1], labels2)
-    assert torch.equal(filtered["clean"][0], validated_by(labels1, pos2, neg2))
-    assert torch.equal(filtered["clean"][1], validated_by(labels2, pos1, neg1))
+    assert torch.equal(filtered.labels[0], labels1) and torch.equal(filtered.labels[1], labels2)
+    assert torch.equal(filtered.clean[0], validated_by(labels1, pos2, neg2))
+    assert torch.equal(filtered.clean[1], validated_by(labels2, pos1, neg1))
     # the scenario tells the wirings apart: self-validation would give other masks
-    assert not torch.equal(filtered["clean"][0], validated_by(labels1, pos1, neg1))
-    assert not torch.equal(filtered["clean"][1], validated_by(labels2, pos2, neg2))
+    assert not torch.equal(filtered.clean[0], validated_by(labels1, pos1, neg1))
+    assert not torch.equal(filtered.clean[1], validated_by(labels2, pos2, neg2))
+    kept, kept_labels = filtered.clean_set(1)
+    assert kept.tolist() == filtered.clean[0].nonzero().squeeze(1).tolist() and torch.equal(kept_labels, labels1[kept])
 
 
 # --------------------------------------------------------------------------- Phase I
