@@ -42,10 +42,6 @@ class Backbone:
         """1/tau of the method: CLIP's own learned temperature, frozen."""
         return float(self.model.logit_scale.exp())
 
-    @property
-    def context_length(self) -> int:
-        return int(getattr(self.tokenizer, "context_length", self.model_cfg["text_cfg"].get("context_length", 77)))
-
     def eval_transform(self) -> Callable:
         return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
 
@@ -121,11 +117,3 @@ def _preprocess_config(clip: nn.Module) -> dict[str, Any]:
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
     }
-
-
-def build_vision_tower(model_cfg: dict[str, Any]) -> nn.Module:
-    """A randomly initialised vision tower of the given architecture (weights are loaded after)."""
-    from open_clip.model import _build_vision_tower
-
-    return _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
-                               quick_gelu=model_cfg.get("quick_gelu", False))

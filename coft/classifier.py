@@ -29,7 +29,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from coft.backbone import autocast, build_vision_tower, default_device
+from coft.backbone import autocast, default_device
+from coft.openclip import build_vision_tower, image_embedding
 from coft.image_cache import ImageSource
 from coft.loader import map_batches
 from coft.training import in_order
@@ -53,7 +54,7 @@ class ImageClassifier(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """The unit-norm image embedding the head reads."""
-        return F.normalize(self.visual(pixels), dim=-1)
+        return F.normalize(image_embedding(self.visual(pixels)), dim=-1)
 
     def classify(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits from unit-norm embeddings (what `embed` returns)."""

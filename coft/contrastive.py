@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coft.augment import moco_v2_augmentation
+from coft.openclip import image_embedding
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ class MomentumContrast:
     def __call__(self, visual: nn.Module, queries: torch.Tensor, key_inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             ema_update(self.key_encoder, visual, self.momentum)
-            keys = F.normalize(self.key_encoder(key_inputs).float(), dim=-1)
+            keys = F.normalize(image_embedding(self.key_encoder(key_inputs)).float(), dim=-1)
         # a copy: the queue is overwritten in place below, and autograd needs the negatives as they were
         loss = info_nce(queries, keys, self.queue.keys.clone(), self.temperature)
         self.queue.push(keys)

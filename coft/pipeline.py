@@ -145,6 +145,10 @@ def _phase1_rounds(run: "_Run", model_index: int, zero_shot: ZeroShot) -> list[P
         model = PromptModel(run.backbone, run.class_names, run.config.phase1, seed)
         model.load_state_dict(trained.state)
         models.append(model.eval())
+    prompts = models[0].prompts
+    if prompts.context_tokens != prompts.requested_context_tokens:  # the class names left less room
+        run.metrics["phase1_context_tokens"] = {"requested": prompts.requested_context_tokens,
+                                                "used": prompts.context_tokens}
     return models
 
 

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from coft.backbone import Backbone
+from coft.openclip import context_length, injected_embeddings, token_embedding
 
 # Built-in template ensemble: the fallback when no class descriptions are available.
 TEMPLATE_ENSEMBLE = [
@@ -31,11 +31,6 @@ TEMPLATE_ENSEMBLE = [
 ]
 
 
-def _text_modules(clip: nn.Module) -> nn.Module:
-    """open_clip keeps the text tower on the CLIP object itself, or under `.text` (CustomTextCLIP)."""
-    return clip.text if hasattr(clip, "text") else clip
-
-
 @torch.no_grad()
 def class_text_features(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """[C, D] unit-norm class embeddings, averaged over templates (one template: no averaging)."""
@@ -49,34 +44,41 @@ def class_text_features(backbone: Backbone, class_names: Sequence[str], template
 
 
 class PromptLearner(nn.Module):
-    """Positive and negative learnable contexts for C classes, on a frozen CLIP text encoder."""
+    """Positive and negative learnable contexts for C classes, on a frozen CLIP text encoder.
+
+    Each class's prompt is tokenised with M placeholder words before its name; during the text
+    tower's own `encode_text`, the placeholders' token embeddings are replaced by the context
+    (coft.openclip.injected_embeddings), so every open_clip text tower (causal or not, with a class
+    token, padding masks, a Hugging Face encoder) computes its prompts its own way.
+    """
 
     def __init__(self, backbone: Backbone, class_names: Sequence[str], context_tokens: int, init_std: float,
                  generator: torch.Generator | None = None, init_phrase: str = ""):
         """`init_phrase` (CoOp's "a photo of a"): start both contexts from its word embeddings, so the
-        untrained model is the zero-shot one; its token count then sets the context length."""
+        untrained model is the zero-shot one; its token count then sets the context length. A context
+        longer than the class names leave room for in the text tower is shortened to fit
+        (`requested_context_tokens` keeps what was asked)."""
         super().__init__()
         clip = backbone.model
-        text = _text_modules(clip)
-        width = text.token_embedding.weight.shape[1]
+        embedding = token_embedding(clip)
         phrase_embedding = None
         if init_phrase.strip():
-            phrase_tokens = backbone.tokenizer([init_phrase.strip()])[0]
-            length = int((phrase_tokens != 0).sum())  # start-of-text, the words, end-of-text; then padding
-            phrase_tokens = phrase_tokens[1:length - 1]
+            phrase_tokens = word_tokens(backbone.tokenizer, init_phrase.strip())
             with torch.no_grad():
-                phrase_embedding = text.token_embedding(phrase_tokens.to(backbone.device)).float()
+                phrase_embedding = embedding(phrase_tokens.to(backbone.device)).float()
             context_tokens = len(phrase_tokens)
-        placeholder = " ".join(["X"] * context_tokens)
-        tokens = backbone.tokenizer([f"{placeholder} {name}." for name in class_names])
-        self._check_fits(tokens, backbone.tokenizer, class_names, context_tokens)
+        self.requested_context_tokens = context_tokens
+        context_tokens = fitted_context_tokens(backbone, class_names, context_tokens)
+        if phrase_embedding is not None:
+            phrase_embedding = phrase_embedding[:context_tokens]
+        placeholder = word_tokens(backbone.tokenizer, "X")
+        if len(placeholder) != 1:
+            raise ValueError("this tokenizer does not make one token of the placeholder word 'X'")
+        tokens = backbone.tokenizer([" ".join(["X"] * context_tokens + [f"{name}."]) for name in class_names])
         self.register_buffer("tokens", tokens.to(backbone.device), persistent=False)
-        with torch.no_grad():
-            embedded = text.token_embedding(self.tokens)
-        # Start-of-text before the context, class name + '.' + end-of-text (+ padding) after it.
-        self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
-        self.register_buffer("suffix", embedded[:, 1 + context_tokens:].clone(), persistent=False)
-        shape = (context_tokens, width)
+        self.register_buffer("positions", _first_positions(tokens, int(placeholder), context_tokens).to(
+            backbone.device), persistent=False)
+        shape = (context_tokens, embedding.weight.shape[1])
         positive = torch.randn(shape, generator=generator).to(backbone.device) * init_std
         negative = torch.randn(shape, generator=generator).to(backbone.device) * init_std
         if phrase_embedding is not None:  # the noise still tells the two models apart
@@ -85,13 +87,9 @@ class PromptLearner(nn.Module):
         self.negative = nn.Parameter(negative)
         self._clip = [clip]  # a list, so the frozen CLIP is not registered as a submodule of ours
 
-    @staticmethod
-    def _check_fits(tokens: torch.Tensor, tokenizer, class_names: Sequence[str], context_tokens: int) -> None:
-        context_length = tokens.shape[1]
-        for name, row in zip(class_names, tokens):
-            if row[-1] != 0:  # no padding left: the prompt was truncated
-                raise ValueError(f"class name {name!r} does not fit CLIP's context length {context_length} "
-                                 f"after {context_tokens} prompt tokens; shorten it or use fewer context tokens")
+    @property
+    def context_tokens(self) -> int:
+        return self.positive.shape[0]
 
     def forward(self, which: str) -> torch.Tensor:
         """[C, D] unit-norm text features of the positive or negative prompts."""
@@ -103,25 +101,46 @@ class PromptLearner(nn.Module):
         return positive, negative
 
     def _encode(self, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
-        num_classes = self.prefix.shape[0]
-        embedded = torch.cat([torch.cat([self.prefix, context.unsqueeze(0).expand(num_classes, -1, -1), self.suffix],
-                                        dim=1) for context in contexts])
+        num_classes = self.tokens.shape[0]
         tokens = self.tokens.repeat(len(contexts), 1)
-        features = F.normalize(encode_text_embeddings(self._clip[0], embedded, tokens), dim=-1)
-        return list(features.split(num_classes))
+        positions = self.positions.repeat(len(contexts), 1)
+        values = torch.cat([context.unsqueeze(0).expand(num_classes, -1, -1) for context in contexts])
+        with injected_embeddings(self._clip[0], positions, values):
+            features = self._clip[0].encode_text(tokens)
+        return list(F.normalize(features, dim=-1).split(num_classes))
 
 
-def encode_text_embeddings(clip: nn.Module, embedded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip's encode_text, starting after the token embedding lookup."""
-    text = _text_modules(clip)
-    cast_dtype = text.transformer.get_cast_dtype()
-    x = embedded.to(cast_dtype) + text.positional_embedding.to(cast_dtype)
-    x = text.transformer(x, attn_mask=text.attn_mask)
-    x = text.ln_final(x)
-    pool_type = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
-    eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
-    pooled = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
-    projection = text.text_projection
-    if projection is None:
-        return pooled
-    return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+def word_tokens(tokenizer, text: str) -> torch.Tensor:
+    """The token ids of `text` alone, without the tokenizer's start, end and padding tokens."""
+    with_text, empty = tokenizer([text, ""])
+    padding = empty[-1]
+    length, empty_length = int((with_text != padding).sum()), int((empty != padding).sum())
+    start = 0
+    while start < empty_length and with_text[start] == empty[start]:
+        start += 1
+    return with_text[start:start + length - empty_length]
+
+
+def fitted_context_tokens(backbone: Backbone, class_names: Sequence[str], requested: int) -> int:
+    """The most context tokens (up to `requested`) that leave every class's prompt whole in the text
+    tower's context (a SigLIP tower takes 64 tokens, a CLIP 77, the proxy 32)."""
+    tokenizer = backbone.tokenizer
+    empty = tokenizer([""])[0]
+    specials = int((empty != empty[-1]).sum())  # start and end tokens around any text
+    longest = max(len(word_tokens(tokenizer, f"{name}.")) for name in class_names)
+    limit = context_length(backbone.model, tokenizer)
+    room = limit - specials - longest
+    if room < 0:
+        raise ValueError(f"the longest class name does not fit the text tower's {limit} tokens; shorten it")
+    return min(requested, room)
+
+
+def _first_positions(tokens: torch.Tensor, placeholder: int, count: int) -> torch.Tensor:
+    """[C, count]: where each row's first `count` placeholder tokens sit."""
+    positions = []
+    for row in tokens:
+        found = (row == placeholder).nonzero().squeeze(1)[:count]
+        if len(found) != count:
+            raise ValueError("a prompt lost its context tokens to truncation")
+        positions.append(found)
+    return torch.stack(positions) if positions else torch.empty(0, count, dtype=torch.long)

@@ -2,9 +2,8 @@
 
 VPT-deep (Jia et al., 2022): every transformer layer gets its own fresh prompt tokens, which replace
 the previous layer's outputs at those positions. VPT-shallow inserts tokens once before the first
-layer. Only the tokens train. Prompt tokens carry no position embedding, so where they sit in the
-sequence does not matter to attention; we append them and drop them before pooling, which works
-for both class-token and average pooling.
+layer. Only the tokens train. They join the sequence inside the tower's own forward pass
+(coft.openclip.appended_tokens), after the patch tokens, and leave before pooling.
 
 open_clip models whose vision tower is not its own VisionTransformer (timm or ResNet towers) get a
 residual adapter on the image embedding instead, as the method spec allows.
@@ -13,17 +12,17 @@ residual adapter on the image embedding instead, as the method spec allows.
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import VisionTransformer
 from torch import nn
+
+from coft.openclip import appended_tokens, image_embedding, is_prompted_vit, vision_layers
 
 
 class PromptedVisionTransformer(nn.Module):
-    def __init__(self, visual: VisionTransformer, num_tokens: int, deep: bool, init_std: float,
+    def __init__(self, visual: nn.Module, num_tokens: int, deep: bool, init_std: float,
                  generator: torch.Generator | None = None):
         super().__init__()
-        layers = len(visual.transformer.resblocks)
-        width = visual.transformer.width
-        device = visual.positional_embedding.device
+        layers, width = vision_layers(visual)
+        device = next(visual.parameters()).device
         prompts = torch.randn((layers if deep else 1, num_tokens, width), generator=generator) * init_std
         self.prompts = nn.Parameter(prompts.to(device))
         self.deep = deep
@@ -31,17 +30,8 @@ class PromptedVisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         visual = self._visual[0]
-        x = visual._embeds(images)  # patches + class token + positions, ln_pre
-        batch, length = x.shape[0], x.shape[1]
-        if not visual.transformer.batch_first:
-            raise NotImplementedError("VPT needs a batch-first open_clip transformer")
-        for index, block in enumerate(visual.transformer.resblocks):
-            if index == 0 or self.deep:
-                prompts = self.prompts[index if self.deep else 0].to(x.dtype).expand(batch, -1, -1)
-                x = torch.cat([x[:, :length], prompts], dim=1)
-            x = block(x)
-        pooled, _ = visual._pool(x[:, :length])
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        with appended_tokens(visual, self.prompts, self.deep):
+            return image_embedding(visual(images))
 
 
 class ResidualAdapter(nn.Module):
@@ -55,12 +45,12 @@ class ResidualAdapter(nn.Module):
         self._visual = [visual]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self._visual[0](images)
+        features = image_embedding(self._visual[0](images))
         return features + self.adapter(features.to(self.adapter[0].weight.dtype))
 
 
 def prompted_visual(visual: nn.Module, embed_dim: int, num_tokens: int, deep: bool, init_std: float,
                     generator: torch.Generator | None = None) -> nn.Module:
-    if isinstance(visual, VisionTransformer) and num_tokens > 0:
+    if is_prompted_vit(visual) and num_tokens > 0:
         return PromptedVisionTransformer(visual, num_tokens, deep, init_std, generator)
     return ResidualAdapter(visual, embed_dim).to(next(visual.parameters()).device)
