@@ -66,7 +66,8 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: 
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
     train_images, test_images = _sources(backbone, task)
-    config = CoFTConfig.from_dict({"phase1": {"hflip": False}} | overrides)
+    # No flips for digits, unless the overrides say otherwise (merged per section, not replaced).
+    config = CoFTConfig.from_dict({**overrides, "phase1": {"hflip": False, **overrides.get("phase1", {})}})
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
 
     train_logits = _zero_shot_logits(backbone, text, train_images)
