@@ -59,7 +59,7 @@ _HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-la
 
 # Request fields with a problem type of their own, so clients need not parse `errors` to tell a bad
 # class list from any other schema mismatch.
-_FIELD_SLUGS = {"class_names": "invalid-class-names", "template": "invalid-template"}
+_FIELD_SLUGS = {"class_names": "invalid-class-names", "template": "invalid-template", "config": "invalid-config"}
 
 
 def _validation_slug(errors: list[dict[str, Any]]) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.crud import JobRequest
-from coft import MAX_CLASSES, check_class_names
+from coft import MAX_CLASSES, CoFTConfig, check_class_names
 
 T = TypeVar("T")
 
@@ -64,7 +64,8 @@ class JobCreate(BaseModel):
     backbone: BackboneSpec | None = Field(None, description="default: the service's default model (proxy)")
     template: str | None = Field(None, description='zero-shot prompt template with "{}" for the class name',
                                  examples=["a photo of a {}, a type of bird."])
-    config: dict[str, Any] | None = Field(None, description="overrides of the method config (coft.config)")
+    config: CoFTConfig | None = Field(None, description="overrides of the method config: any subset of its fields; "
+                                                         "the rest keep their defaults")
     eval_dataset_id: str | None = Field(None, description="labelled archive (class-name folders): reports true "
                                                           "accuracy, never used for training")
     class_descriptions: dict[str, list[str]] | None = Field(
@@ -96,7 +97,8 @@ class JobCreate(BaseModel):
         return JobRequest(dataset_id=self.dataset_id, class_names=self.class_names, method=self.method,
                           model=self.backbone.model if self.backbone else None,
                           pretrained=self.backbone.pretrained if self.backbone else None, template=self.template,
-                          config=self.config, eval_dataset_id=self.eval_dataset_id,
+                          config=self.config.model_dump(exclude_unset=True) if self.config else None,
+                          eval_dataset_id=self.eval_dataset_id,
                           class_descriptions=self.class_descriptions)
 
 

@@ -212,3 +212,14 @@ def test_worker_death_requeues_and_resumes_from_checkpoints(worker_stack, api):
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
     assert not checkpoints.exists()  # cleaned up once the job is over
+
+
+def test_the_job_config_schema_is_the_method_config_in_openapi(stack, api):
+    document = api.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    config = schemas["JobCreate"]["properties"]["config"]
+    assert {"$ref": "#/components/schemas/CoFTConfig"} in config.get("anyOf", [config])
+    phase1 = schemas["Phase1Config"]
+    assert phase1["additionalProperties"] is False  # unknown keys are refused, and the document says so
+    assert phase1["properties"]["negative_classes"]["enum"] == ["uniform", "confusable"]
+    assert phase1["properties"]["epochs"]["minimum"] == 0

@@ -28,7 +28,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
     """Start adapting a backbone to `class_names` on a dataset. Answers at once; poll the job."""
     job, replayed = crud.create_job(session, tenant.id, body.as_request(), settings=settings, storage=storage,
                                     celery=request.app.state.celery, idempotency_key=idempotency_key,
-                                    request_hash=hashlib.sha256(body.model_dump_json().encode()).hexdigest())
+                                    request_hash=hashlib.sha256(body.model_dump_json(exclude_unset=True).encode()).hexdigest())
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
