@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from app.serve import free_port
 from coft import PROXY_TASKS, ProxyTask, load_proxy_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,12 +85,6 @@ def check(response: httpx.Response, what: str) -> dict:
 
 
 # --- the server, when --start-server ---------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextlib.contextmanager
 def local_server(workdir: Path) -> Iterator[tuple[str, str, subprocess.Popen, Path]]:

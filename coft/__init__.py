@@ -20,7 +20,7 @@ _EXPORTS = {
     # running a job
     "adapt": "coft.pipeline", "AdaptResult": "coft.pipeline", "LabelledImages": "coft.pipeline",
     "METHODS": "coft.pipeline",
-    "CoFTConfig": "coft.config", "DEFAULT_TEMPLATE": "coft.config",
+    "CoFTConfig": "coft.config", "DEFAULT_TEMPLATE": "coft.config", "check_template": "coft.config",
     "Progress": "coft.progress", "ProgressCallback": "coft.progress",
     # images in, with the same checks for uploads, folders and predict requests
     "open_images": "coft.data", "open_labelled_images": "coft.data", "decode_image": "coft.data",
@@ -58,7 +58,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
     from coft.backbone import PROXY_MODEL, Backbone, load_backbone, proxy_weights_installed
     from coft.classifier import Classifier, Predictions, zero_shot_classifier
-    from coft.config import DEFAULT_TEMPLATE, CoFTConfig
+    from coft.config import DEFAULT_TEMPLATE, CoFTConfig, check_template
     from coft.data import (MAX_CLASSES, DataError, DataLimits, ImageSet, LabelledImageSet, RejectedFile,
                            check_class_names, decode_image, normalise_class_name, open_images,
                            open_labelled_images)

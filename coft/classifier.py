@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from coft.backbone import autocast, default_device
+from coft.config import DEFAULT_TEMPLATE
 from coft.openclip import build_vision_tower, image_embedding
 from coft.image_cache import ImageSource
 from coft.loader import map_batches
@@ -74,7 +75,7 @@ def text_head(class_features: torch.Tensor, scale: float) -> nn.Linear:
 
 
 def zero_shot_classifier(backbone: "Backbone", class_names: Sequence[str], class_features: torch.Tensor | None = None,
-                         templates: Sequence[str] = ("a photo of a {}.",), copy_weights: bool = True) -> "Classifier":
+                         templates: Sequence[str] = (DEFAULT_TEMPLATE,), copy_weights: bool = True) -> "Classifier":
     """Zero-shot CLIP as a Classifier: the backbone's vision tower and a head of class text embeddings.
 
     `class_features` ([C, D], unit norm) defaults to the templates' embeddings. With copy_weights

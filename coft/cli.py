@@ -55,7 +55,8 @@ def adapt(
     method: str = typer.Option("coft", "--method", help="zero-shot | coft | coft+"),
     model: str = typer.Option("proxy", "--model", help="open_clip model: ViT-B-16, local-dir:PATH, hf-hub:ORG/REPO"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip pretrained tag or checkpoint file"),
-    template: Optional[str] = typer.Option(None, "--template", help='zero-shot template, default "a photo of a {}."'),
+    template: Optional[str] = typer.Option(None, "--template", help="zero-shot template with {} for the class name "
+                                           '(default "a photo of a {}.")'),
     seed: Optional[int] = typer.Option(None, "--seed", help="default: the config file's seed, else 0"),
     config_file: Optional[Path] = typer.Option(None, "--config", exists=True, help="JSON overrides of the method config"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="resume an interrupted run from here"),
@@ -73,7 +74,7 @@ def adapt(
     """Adapt a CLIP model to CLASSES using unlabeled IMAGES; write a classifier artifact."""
     import torch
 
-    from coft.config import CoFTConfig
+    from coft.config import CoFTConfig, check_template
     from coft.data import DataError, open_labelled_images
     from coft.descriptions import DescriptionError, LLMEndpoint, load_descriptions
     from coft.pipeline import METHODS, LabelledImages
@@ -91,9 +92,10 @@ def adapt(
     if seed is not None:  # an explicit --seed wins over the file's; the default must not
         overrides["seed"] = seed
     if template is not None:
-        if "{}" not in template:
-            raise typer.BadParameter('the template needs a "{}" for the class name', param_hint="--template")
-        overrides.setdefault("pseudo_labels", {})["template"] = template
+        try:
+            overrides.setdefault("pseudo_labels", {})["template"] = check_template(template)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--template") from error
     try:
         config = CoFTConfig.from_dict(overrides)
     except ValueError as error:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+MAX_TEMPLATE_CHARS = 500
+
+
+def check_template(template: str) -> str:
+    """A zero-shot template, or ValueError: exactly one "{}", where the class name goes (library, CLI, API)."""
+    if template.count("{}") != 1 or len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f'the template needs exactly one "{{}}" for the class name (and at most '
+                         f"{MAX_TEMPLATE_CHARS} characters)")
+    return template
 
 
 class _Config(BaseModel):
@@ -23,6 +32,11 @@ class PseudoLabelConfig(_Config):
     top_k: int = Field(16, ge=1)  # images per class in S*, capped by how many were predicted as that class
     template: str = DEFAULT_TEMPLATE
     ensemble: bool = False  # average the built-in template ensemble instead of the single template
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        return check_template(template)
 
 
 class Phase1Config(_Config):

@@ -28,7 +28,14 @@ def page_params(limit: Annotated[int, Query(ge=1, le=200)] = 50,
 PageDep = Annotated[PageParams, Depends(page_params)]
 
 
-def paginate(session: Session, query: Select, page: PageParams, order_by: Any) -> tuple[list, int]:
+def newest_first(session: Session, model: type, tenant_id: str, page: PageParams, *where: Any) -> dict[str, Any]:
+    """One page of a tenant's rows of `model` (that also meet `where`), newest first, ties by id."""
+    query = select(model).where(model.tenant_id == tenant_id, *where)
+    return paginate(session, query, page, (model.created_at.desc(), model.id))
+
+
+def paginate(session: Session, query: Select, page: PageParams, order_by: Any) -> dict[str, Any]:
+    """One page of the query's rows, ordered, with the total: what every list route answers."""
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(*order_by).limit(page.limit).offset(page.offset)).all()
-    return list(rows), total
+    return {"items": list(rows), "total": total, "limit": page.limit, "offset": page.offset}

@@ -8,7 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.crud import JobRequest
-from coft import MAX_CLASSES, CoFTConfig, check_class_names
+from coft import MAX_CLASSES, CoFTConfig, check_class_names, check_template
 
 T = TypeVar("T")
 
@@ -81,9 +81,7 @@ class JobCreate(BaseModel):
     @field_validator("template")
     @classmethod
     def _template(cls, template: str | None) -> str | None:
-        if template is not None and (template.count("{}") != 1 or len(template) > 500):
-            raise ValueError('the template needs exactly one "{}" for the class name')
-        return template
+        return template if template is None else check_template(template)
 
     @model_validator(mode="after")
     def _descriptions(self) -> "JobCreate":

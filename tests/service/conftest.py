@@ -28,7 +28,8 @@ from app.core.db import session_scope
 from app.api.main import create_app
 from app.core.settings import Settings
 from app.core.workers import live_workers
-from tests.service.helpers import TINY_MODEL, free_port, wait_for, write_tiny_model
+from app.serve import free_port
+from tests.service.helpers import TINY_MODEL, wait_for, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["sqlite", "postgresql"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 import time
 import zipfile
@@ -23,12 +22,6 @@ TINY_CONFIG = {
     "phase2": {"epochs": 1, "batch_size": 4},
     "eval_batch_size": 4,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(seed: int, size: int = 32, color: tuple[int, int, int] | None = None) -> bytes:

@@ -25,7 +25,8 @@ from app.core.models import Job
 from app.core.settings import Settings
 from app.core.storage import LocalStorage
 from tests.service.conftest import REPO, WORKER_ENV, ServerThread, Stack
-from tests.service.helpers import api_answers, free_port, image_zip, png, wait_for
+from app.serve import free_port
+from tests.service.helpers import api_answers, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
 
 

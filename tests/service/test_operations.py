@@ -18,7 +18,8 @@ from app.core.db import get_engine
 from app.api.main import create_app
 from app.core.models import Base
 from tests.service.conftest import REPO, ServerThread
-from tests.service.helpers import TINY_MODEL, free_port, image_zip, png, wait_for
+from app.serve import free_port
+from tests.service.helpers import TINY_MODEL, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
 
 

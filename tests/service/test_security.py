@@ -15,7 +15,8 @@ import pytest
 
 from app.api.main import create_app
 from tests.service.conftest import REPO, ServerThread
-from tests.service.helpers import TINY_MODEL, api_answers, free_port, image_zip, png, wait_for
+from app.serve import free_port
+from tests.service.helpers import TINY_MODEL, api_answers, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
 
 PROBLEM = "application/problem+json"

@@ -10,13 +10,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Query, Request, UploadFile, status
 from fastapi.responses import FileResponse
-from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from coft import Classifier as CoftClassifier
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.inference import prediction_items, read_images
-from app.api.pagination import PageDep, paginate
+from app.api.pagination import PageDep, newest_first
 from app.api.schemas import ClassifierOut, Page, PredictResponse
 from app.core import crud
 from app.core.models import Classifier
@@ -31,9 +30,7 @@ def get_owned_classifier(session, tenant, classifier_id: str) -> Classifier:
 
 @router.get("", response_model=Page[ClassifierOut])
 def list_classifiers(session: SessionDep, tenant: TenantDep, page: PageDep) -> dict:
-    items, total = paginate(session, select(Classifier).where(Classifier.tenant_id == tenant.id), page,
-                            (Classifier.created_at.desc(), Classifier.id))
-    return {"items": items, "total": total, "limit": page.limit, "offset": page.offset}
+    return newest_first(session, Classifier, tenant.id, page)
 
 
 @router.get("/{classifier_id}", response_model=ClassifierOut)

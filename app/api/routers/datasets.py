@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile, status
-from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.pagination import PageDep, paginate
+from app.api.pagination import PageDep, newest_first
 from app.api.schemas import DatasetOut, Page
 from app.core import crud
 from app.core.models import Dataset
@@ -34,9 +33,7 @@ def create_dataset(file: Annotated[UploadFile, File(description="zip or tar(.gz)
 
 @router.get("", response_model=Page[DatasetOut])
 def list_datasets(session: SessionDep, tenant: TenantDep, page: PageDep) -> dict:
-    items, total = paginate(session, select(Dataset).where(Dataset.tenant_id == tenant.id), page,
-                            (Dataset.created_at.desc(), Dataset.id))
-    return {"items": items, "total": total, "limit": page.limit, "offset": page.offset}
+    return newest_first(session, Dataset, tenant.id, page)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)

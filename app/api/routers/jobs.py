@@ -6,10 +6,9 @@ import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.pagination import PageDep, paginate
+from app.api.pagination import PageDep, newest_first
 from app.api.schemas import DatasetPrediction, JobCreate, JobOut, JobStatusName, Page
 from app.core import crud
 from app.core.models import Job, JobStatus
@@ -38,11 +37,8 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
 @router.get("", response_model=Page[JobOut])
 def list_jobs(session: SessionDep, tenant: TenantDep, page: PageDep,
               status_filter: Annotated[JobStatusName | None, Query(alias="status")] = None) -> dict:
-    query = select(Job).where(Job.tenant_id == tenant.id)
-    if status_filter is not None:
-        query = query.where(Job.status == JobStatus(status_filter))
-    items, total = paginate(session, query, page, (Job.created_at.desc(), Job.id))
-    return {"items": items, "total": total, "limit": page.limit, "offset": page.offset}
+    where = [] if status_filter is None else [Job.status == JobStatus(status_filter)]
+    return newest_first(session, Job, tenant.id, page, *where)
 
 
 @router.get("/{job_id}", response_model=JobOut)

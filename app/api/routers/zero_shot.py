@@ -11,10 +11,9 @@ from app.api.deps import SettingsDep, TenantDep
 from app.api.errors import Problem
 from app.api.inference import prediction_items, read_images
 from app.api.schemas import PredictResponse
-from coft import check_class_names, zero_shot_classifier
+from coft import DEFAULT_TEMPLATE, check_class_names, check_template, zero_shot_classifier
 
 router = APIRouter(prefix="/v1/zero-shot", tags=["zero-shot"])
-DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 @router.post("/predict", response_model=PredictResponse)
@@ -32,8 +31,10 @@ def zero_shot_predict(
         names = check_class_names(class_names)
     except ValueError as error:
         raise Problem(422, "invalid-class-names", str(error), "Invalid class names") from None
-    if template.count("{}") != 1:
-        raise Problem(422, "invalid-template", 'the template needs exactly one "{}" for the class name')
+    try:
+        check_template(template)
+    except ValueError as error:
+        raise Problem(422, "invalid-template", str(error)) from None
     model_id, weights = backbones.resolve(settings, model or settings.default_model, pretrained or None)
     image_set = read_images(images, settings)
 
