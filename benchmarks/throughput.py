@@ -223,7 +223,12 @@ model, pretrained, folder, method = sys.argv[1], sys.argv[2] or None, sys.argv[3
 config = CoFTConfig.from_dict(json.loads(sys.argv[6]))
 classes = json.loads(sys.argv[7])
 backbone = load_backbone(model, pretrained, sys.argv[8])
-images = open_images(folder)
+if folder.startswith("task:"):  # the proxy task's own images, already decoded in memory
+    from coft.proxy.tasks import load_task
+    _, name, count = folder.split(":")
+    images = load_task(name, num_train=int(count), num_test=0).train_images
+else:
+    images = open_images(folder)
 started, seconds, first = {}, {}, time.perf_counter()
 def progress(event):
     now = time.perf_counter()
@@ -246,7 +251,8 @@ def baseline_checkout(commit: str, scratch: Path) -> Path:
     return target
 
 
-def run_baseline(tree: Path, model, pretrained, folder: Path, method, threads, overrides, classes, device) -> dict:
+def run_baseline(tree: Path, model, pretrained, folder: Path | str, method, threads, overrides, classes,
+                 device) -> dict:
     environment = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([sys.executable, "-c", BASELINE_JOB, model, pretrained or "", str(folder), method,
                            str(threads), json.dumps(overrides), json.dumps(classes), device],
@@ -285,6 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), default="proxy")
     parser.add_argument("--images", type=int, help="how many JPEGs (default: the case's)")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="the proxy task's own 64 px images, decoded in memory, instead of JPEG files")
     parser.add_argument("--methods", nargs="*", default=["coft", "coft+"], choices=["coft", "coft+"])
     parser.add_argument("--config", type=json.loads, default={}, help="JSON overrides on top of the case's")
     parser.add_argument("--threads", type=int, default=1, help="torch threads and decoding threads")
@@ -310,15 +318,17 @@ def main() -> None:
     pretrained = random_weights(model, scratch)
     backbone = load_backbone(model, pretrained, args.device)
     started = time.perf_counter()
-    images = open_images(folder)
+    images = load_task(TASK, num_train=count, num_test=0).train_images if args.in_memory else open_images(folder)
     open_s = time.perf_counter() - started
     sync = backbone.device.type == "cuda"
     formats = cache_formats(folder, backbone.preprocess_cfg)
+    what = "in-memory 64 px images" if args.in_memory else "JPEGs"
     print(f"case {args.case}: {model} ({'random weights' if pretrained else 'shipped weights'}) on {args.device}, "
-          f"{len(images)} JPEGs (opened and verified in {open_s:.1f} s, not part of the job), "
+          f"{len(images)} {what} (opened in {open_s:.1f} s, not part of the job), "
           f"{args.threads} thread(s)\n{formats}", flush=True)
 
-    results = {"case": args.case, "model": model, "images": len(images), "threads": args.threads,
+    results = {"case": args.case, "model": model, "images": len(images), "in_memory": args.in_memory,
+               "threads": args.threads,
                "device": args.device, "baseline": args.baseline, "cache_formats": formats, "methods": {}}
     for method in args.methods:
         overrides = json.loads(json.dumps(case_overrides))
@@ -343,8 +353,8 @@ def main() -> None:
         baseline = None
         if args.baseline != "none":
             tree = baseline_checkout(args.baseline, scratch)
-            baseline = run_baseline(tree, model, pretrained, folder, method, args.threads, overrides, classes,
-                                    args.device)
+            baseline = run_baseline(tree, model, pretrained, f"task:{TASK}:{count}" if args.in_memory else folder,
+                                    method, args.threads, overrides, classes, args.device)
             print(f"{method}: before {baseline['job_s']:.1f} s", flush=True)
         results["methods"][method] = {"stages": real, "job_s": job_s, "limits": limits, "baseline": baseline,
                                       "image_cache": metrics.get("image_cache"), "peak_gpu_gib": peak}
