@@ -48,9 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="coft", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.storage = get_storage(settings.data_dir)
+    app.state.storage = get_storage(settings)
     app.state.metrics = Metrics(settings.database_url)
-    app.state.classifiers = LRUCache(settings.classifier_cache_size)  # loaded artifacts, by classifier id
+    app.state.classifiers = LRUCache(settings.classifier_cache_size)  # loaded artifacts, by storage key
     app.state.backbones = LRUCache(settings.classifier_cache_size)  # zero-shot backbones
     # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
     app.state.celery = make_celery(settings) if settings.redis_url else None

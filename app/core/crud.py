@@ -190,9 +190,12 @@ def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job
 # --------------------------------------------------------------------------- classifiers
 
 
-def delete_classifier(session: Session, tenant_id: str, storage: Storage, classifier_id: str) -> None:
+def delete_classifier(session: Session, tenant_id: str, storage: Storage, classifier_id: str) -> str:
+    """Delete a classifier's row, then every version of its artifact; returns the key it was served from."""
     row = owned(session, tenant_id, Classifier, classifier_id, "classifier")
+    artifact_key = row.artifact_key
     session.execute(update(Job).where(Job.classifier_id == classifier_id).values(classifier_id=None))
     session.delete(row)
     session.commit()
     storage.delete(classifier_dir(classifier_id))
+    return artifact_key

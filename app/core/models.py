@@ -150,4 +150,6 @@ class Classifier(_NamesABackbone, Base):
     method: Mapped[str] = mapped_column(String(32))
     num_members: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
+    # The artifact's storage key: written once, before the row names it (app.core.storage.put_dir).
+    artifact_key: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

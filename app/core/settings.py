@@ -18,6 +18,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COFT_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Path("data")  # datasets, checkpoints, classifier artifacts, the SQLite file
+    # Where datasets, checkpoints and artifacts go: s3://bucket/prefix (with COFT_S3_ENDPOINT_URL for
+    # MinIO and other S3-compatible stores; credentials and region from the AWS variables), or local
+    # disk under data_dir when unset.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    # What a host keeps of what it downloads from the store (datasets, artifacts) and of running jobs'
+    # work (decoded images): a bounded cache, least recently used first out.
+    cache_dir: Path | None = None  # default <data_dir>/cache
+    cache_max_bytes: int = 50 * 2**30
     models_dir: Path | None = None  # operator-supplied open_clip local-dir models; default <data_dir>/models
     # The usual unprefixed names win because every hosting platform and tool speaks them.
     database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "COFT_DATABASE_URL"))
@@ -69,6 +78,8 @@ class Settings(BaseSettings):
     def _defaults_under_data_dir(self) -> "Settings":
         if self.models_dir is None:
             self.models_dir = self.data_dir / "models"
+        if self.cache_dir is None:
+            self.cache_dir = self.data_dir / "cache"
         if self.database_url is None:
             self.database_url = f"sqlite:///{(self.data_dir / 'coft.db').resolve()}"
         if self.heartbeat_stale_s <= 2 * self.heartbeat_interval_s:

@@ -19,7 +19,6 @@ from app.api.pagination import PageDep, newest_first
 from app.api.schemas import ClassifierOut, Page, PredictResponse
 from app.core import crud
 from app.core.models import Classifier
-from app.core.storage import classifier_dir
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
@@ -41,8 +40,8 @@ def get_classifier(classifier_id: str, session: SessionDep, tenant: TenantDep) -
 @router.delete("/{classifier_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_classifier(classifier_id: str, request: Request, session: SessionDep, tenant: TenantDep,
                       storage: StorageDep) -> None:
-    crud.delete_classifier(session, tenant.id, storage, classifier_id)
-    request.app.state.classifiers.discard(classifier_id)
+    artifact_key = crud.delete_classifier(session, tenant.id, storage, classifier_id)
+    request.app.state.classifiers.discard(artifact_key)
 
 
 @router.post("/{classifier_id}/predict", response_model=PredictResponse,
@@ -51,15 +50,15 @@ def predict(classifier_id: str, images: Annotated[list[UploadFile], File(descrip
             request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep,
             top_k: Annotated[int, Query(ge=1, le=100)] = 5) -> PredictResponse:
     """Label each image (multipart field `images`, repeated): the label, its probability, the top k."""
-    get_owned_classifier(session, tenant, classifier_id)
+    artifact_key = get_owned_classifier(session, tenant, classifier_id).artifact_key
     session.close()  # inference can take a while; do not hold a pooled connection meanwhile
     image_set = read_images(images, settings)
 
     def load() -> CoftClassifier:
-        with storage.local_dir(classifier_dir(classifier_id)) as path:
+        with storage.local_dir(artifact_key) as path:
             return CoftClassifier.load(path, device=settings.device)
 
-    model = request.app.state.classifiers.get(classifier_id, load)
+    model = request.app.state.classifiers.get(artifact_key, load)
     request.app.state.metrics.predict_batch.labels("classifier").observe(len(image_set))
     return PredictResponse(predictions=prediction_items(images, model.predict(image_set), top_k))
 
@@ -70,10 +69,10 @@ def predict(classifier_id: str, images: Annotated[list[UploadFile], File(descrip
 def export(classifier_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
            format: Literal["tar.gz", "zip"] = "tar.gz") -> FileResponse:
     """Download the artifact: unpack it and run `coft predict --classifier <classifier_id> ...`."""
-    get_owned_classifier(session, tenant, classifier_id)
+    artifact_key = get_owned_classifier(session, tenant, classifier_id).artifact_key
     handle, archive_path = tempfile.mkstemp(suffix=f".{format}")
     os.close(handle)
-    with storage.local_dir(classifier_dir(classifier_id)) as source:
+    with storage.local_dir(artifact_key) as source:
         if format == "zip":
             with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
                 for path in sorted(source.rglob("*")):
