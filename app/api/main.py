@@ -50,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.storage = get_storage(settings)
     app.state.metrics = Metrics(settings.database_url)
-    app.state.classifiers = LRUCache(settings.classifier_cache_size)  # loaded artifacts, by storage key
+    # loaded artifacts, by storage key, each with its batcher (stopped when the model leaves the cache)
+    app.state.classifiers = LRUCache(settings.classifier_cache_size, on_evict=lambda served: served.batcher.close())
     app.state.backbones = LRUCache(settings.classifier_cache_size)  # zero-shot backbones
     # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
     app.state.celery = make_celery(settings) if settings.redis_url else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coft import DataLimits
@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_predict_images: int = 64  # per predict request
     max_predict_bytes: int = 64 * 2**20  # per predict request body
     classifier_cache_size: int = 4  # loaded classifiers (and zero-shot backbones) kept in memory
+    # Concurrent predict requests for one classifier share forward passes (as Triton's dynamic batcher):
+    # up to this many images, waiting at most this long for a batch to fill.
+    predict_max_batch: int = Field(64, ge=1, le=4096)
+    predict_max_wait_ms: float = Field(5.0, ge=0, le=1000)
     # What one image and one archive may cost to validate; the same image limits apply to /predict.
     max_image_pixels: int = 40_000_000  # width*height, checked on the header before decoding
     max_image_bytes: int = 50 * 2**20  # one image file (an archive member, or a predict upload)
@@ -73,6 +77,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _blank_device_is_automatic(cls, value: str | None) -> str | None:
+        # compose passes an unset ${VAR:-} as "": the same as not setting it
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> "Settings":

@@ -69,8 +69,9 @@ def test_compose_structure(compose):
 
 def test_compose_operational_promises(compose):
     services = compose["services"]
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in d["capabilities"] for d in devices)
+    for name in ("worker", "api"):  # jobs train on the GPU, and predictions run there too
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] for d in devices)
     assert "--appendonly" in services["redis"]["command"]
     assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
     for name in ("api", "worker"):
