@@ -33,10 +33,12 @@ def two_hosts(stacks, tmp_path):
         (home / "tmp").mkdir(parents=True)
         env = {**stack.env, "COFT_DATA_DIR": str(home / "data"), "TMPDIR": str(home / "tmp")}
         log = (home / "worker.log").open("wb")
-        before = len(live_workers(stack.settings))
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h"],
+        hostname = f"{name}-{uuid.uuid4().hex[:6]}"
+        worker = subprocess.Popen([sys.executable, "-m", "worker", "--hostname", f"{hostname}@%h"],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: len(live_workers(stack.settings)) > before or worker.poll() is not None, 120, 0.2, name)
+        # Its own announcement, by name: the stopped worker's key may expire meanwhile, so counts can lie.
+        wait_for(lambda: any(key.startswith(hostname) for key in live_workers(stack.settings))
+                 or worker.poll() is not None, 120, 0.2, name)
         assert worker.poll() is None, (home / "worker.log").read_text()[-3000:]
         workers.append(worker)
         return worker
