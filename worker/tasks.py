@@ -26,14 +26,14 @@ from app.core import backbones
 from app.core.db import session_scope
 from app.core.errors import ServiceError
 from app.core.jobs import claim, fail, heartbeat, mark_cancelled, status_of, succeed
-from app.core.models import Classifier, Job, JobStatus, new_id
+from app.core.crud import dataset_images
+from app.core.models import Classifier, Dataset, Job, JobStatus, new_id
 from app.core.queue import TASK_NAME
 from app.core.settings import Settings, get_settings
 from app.core.storage import (classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions,
                               new_artifact_key)
 # Importing adapt here, in the parent, loads torch and the method: each forked job process starts fast.
-from coft import (CoFTConfig, DataError, LabelledImages, LLMEndpoint, Progress, adapt, open_images,
-                  open_labelled_images)
+from coft import CoFTConfig, DataError, LabelledImages, LLMEndpoint, Progress, adapt, open_labelled_images
 from worker.celery_app import celery_app
 
 log = logging.getLogger("worker.tasks")
@@ -122,7 +122,8 @@ class JobRun:
     def _execute(self) -> None:
         with session_scope(self.db) as session:
             job = session.get(Job, self.job_id)
-        if job.dataset_id is None:
+            dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
+        if dataset is None:
             raise JobFailure("dataset-deleted", "the job's dataset was deleted")
         try:
             model, pretrained = backbones.resolve(self.settings, job.backbone_model, job.backbone_pretrained)
@@ -131,8 +132,8 @@ class JobRun:
         config = CoFTConfig.from_dict(job.config)
         # Datasets were decoded whole when they were uploaded: here only headers are read, and the run
         # decodes each image once, into its cache.
-        with self.storage.local_file(dataset_archive(job.dataset_id)) as path:
-            images = open_images(path, limits=self.settings.data_limits(), verify=False)
+        with dataset_images(self.storage, dataset, self.settings.data_limits(), verify=False) as opened:
+            images = opened
         evaluation = None
         if job.eval_dataset_id is not None:
             with self.storage.local_file(dataset_archive(job.eval_dataset_id)) as path:

@@ -31,6 +31,7 @@ log = logging.getLogger("app.gate")
 # (method, path pattern) -> the rate-limit bucket that request draws from.
 GATED_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/v1/datasets/?$"), "uploads"),
+    ("POST", re.compile(r"^/v1/datasets/[^/]+/parts/?$"), "uploads"),
     ("POST", re.compile(r"^/v1/classifiers/[^/]+/predict/?$"), "predict"),
     ("POST", re.compile(r"^/v1/zero-shot/predict/?$"), "predict"),
 ]

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
 
     # Uploads
     max_upload_bytes: int = 2 * 2**30
+    # Datasets: a tenant's stored datasets may hold this many bytes in all (None: no quota); an archive
+    # larger than inline_validation_bytes is validated in the background (status `validating`), and a
+    # dataset uploaded in parts has at most max_dataset_parts of them, each up to max_upload_bytes.
+    tenant_quota_bytes: int | None = Field(100 * 2**30, ge=0)
+    inline_validation_bytes: int = Field(64 * 2**20, ge=0)
+    max_dataset_parts: int = Field(1000, ge=1)
     max_predict_images: int = 64  # per predict request
     max_predict_bytes: int = 64 * 2**20  # per predict request body
     classifier_cache_size: int = 4  # loaded classifiers (and zero-shot backbones) kept in memory

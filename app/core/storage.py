@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field
@@ -331,6 +332,15 @@ def dataset_dir(dataset_id: str) -> str:
 
 def dataset_archive(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/archive"
+
+
+def dataset_parts(dataset_id: str) -> str:
+    """A dataset uploaded in parts: one archive per part under here, in upload order by name."""
+    return f"datasets/{dataset_id}/parts"
+
+
+def new_part_key(dataset_id: str) -> str:
+    return f"{dataset_parts(dataset_id)}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
 
 
 def job_dir(job_id: str) -> str:
