@@ -1,5 +1,6 @@
 """Load on predict: N concurrent clients on loopback call `POST /v1/classifiers/{id}/predict` for T
-seconds; prints throughput, p50/p99 latency and the error count (any non-200 answer or failed call).
+seconds; prints throughput, p50/p99 latency and the error count (any non-200 answer or failed call),
+next to the in-process throughput of the same classifier on the same images, and their ratio.
 
     python benchmarks/load_predict.py --clients 32 --seconds 20              # starts `app.serve` itself
     python benchmarks/load_predict.py --url URL --api-key KEY --classifier clf_...
@@ -7,7 +8,12 @@ seconds; prints throughput, p50/p99 latency and the error count (any non-200 ans
 With no --url it starts the whole service (`python -m app.serve`, a temporary data dir), uploads a
 few images and runs a zero-shot job on the shipped proxy model to get a classifier, then loads it.
 The per-tenant predict rate limit is raised for that server: this measures the service, not the
-limiter. Each request carries --images-per-request images (default 1).
+limiter. It runs once per --images-per-request value (default 1 and 16).
+
+In-process: the classifier's exported artifact loaded here (`coft.Classifier.load`), the same image
+bytes decoded, transformed and classified in batches of COFT_PREDICT_MAX_BATCH (the batcher's
+largest forward pass), for the same duration, while the server sits idle: what the model costs with
+no HTTP, no multipart and no queueing. The ratio is HTTP images/s over in-process images/s.
 """
 
 from __future__ import annotations
@@ -102,26 +108,65 @@ def report(latencies: list[float], error_count: int, errors: dict[str, int], cli
     print(f"errors: {error_count}")
 
 
+def in_process(client: httpx.Client, classifier_id: str, seconds: float, batch_size: int,
+               images_per_request: int) -> float:
+    """Images/s of the exported classifier here: decode + transform + forward, batch by batch."""
+    import tarfile
+
+    import torch
+
+    from coft import Classifier, decode_image
+
+    blobs = [png(100 + i) for i in range(images_per_request)]
+    with tempfile.TemporaryDirectory() as directory:
+        archive = Path(directory) / "artifact.tar.gz"
+        with client.stream("GET", f"/v1/classifiers/{classifier_id}/export") as response:
+            response.raise_for_status()
+            with archive.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        with tarfile.open(archive) as tar:
+            tar.extractall(directory, filter="data")
+        classifier = Classifier.load(Path(directory) / classifier_id)
+    transform = classifier.transform()
+    batch = [blobs[i % len(blobs)] for i in range(batch_size)]
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        classifier.probabilities(torch.stack([transform(decode_image(blob)) for blob in batch]))
+        done += len(batch)
+    return done / (time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--images-per-request", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--url", help="a running service (default: start one)")
     parser.add_argument("--api-key", default=os.environ.get("COFT_API_KEY"))
     parser.add_argument("--classifier", help="a classifier id of that tenant (default: make one)")
+    parser.add_argument("--no-in-process", action="store_true", help="HTTP only (e.g. a remote --url)")
     args = parser.parse_args(argv)
+    max_batch = int(os.environ.get("COFT_PREDICT_MAX_BATCH", "64"))
 
     def run(url: str, key: str) -> int:
+        failed = 0
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
             classifier_id = args.classifier or make_classifier(client)
             # Warm up: the first predict loads the classifier into the API's cache.
             client.post(f"/v1/classifiers/{classifier_id}/predict",
                         files=[("images", ("w.png", png(0)))]).raise_for_status()
-        latencies, error_count, errors = asyncio.run(
-            load(url, key, classifier_id, args.clients, args.seconds, args.images_per_request))
-        report(latencies, error_count, errors, args.clients, args.seconds, args.images_per_request)
-        return 1 if error_count else 0
+            for count in args.images_per_request:
+                latencies, error_count, errors = asyncio.run(
+                    load(url, key, classifier_id, args.clients, args.seconds, count))
+                report(latencies, error_count, errors, args.clients, args.seconds, count)
+                failed += error_count
+                if not args.no_in_process:
+                    local = in_process(client, classifier_id, args.seconds, max_batch, count)
+                    http = len(latencies) * count / args.seconds
+                    print(f"in-process: {local:.1f} images/s (batches of {max_batch}); "
+                          f"HTTP / in-process: {http / local:.2f}\n", flush=True)
+        return 1 if failed else 0
 
     if args.url:
         if not args.api_key:

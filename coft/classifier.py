@@ -138,20 +138,22 @@ class Classifier(nn.Module):
         return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
 
     @torch.no_grad()
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, C] float probabilities on the CPU of test-time views (`transform()` of each image),
+        in one forward pass on this classifier's device, mixed precision where it has it."""
+        with autocast(self.device):
+            return self(pixels.to(self.device, non_blocking=True)).float().cpu()
+
     def predict(self, images: Sequence[Image.Image] | ImageSource, batch_size: int = 64) -> Predictions:
         """Class probabilities of PIL images (this artifact's own test-time transform), or of an
         ImageSource's test-time views (a run's decoded-image cache)."""
-        def probabilities(pixels):
-            with autocast(self.device):
-                return self(pixels)
-
         if len(images) == 0:
             return Predictions(self.class_names, torch.empty(0, len(self.class_names)))
         if isinstance(images, ImageSource):
-            batches = [probabilities(images.test_view(positions))
+            batches = [self.probabilities(images.test_view(positions))
                        for positions in in_order(len(images), batch_size)]
-            return Predictions(self.class_names, torch.cat(batches).float().cpu())
-        return Predictions(self.class_names, map_batches(probabilities, images, self.transform(), batch_size,
+            return Predictions(self.class_names, torch.cat(batches))
+        return Predictions(self.class_names, map_batches(self.probabilities, images, self.transform(), batch_size,
                                                          self.device))
 
     def member(self, index: int) -> "Classifier":

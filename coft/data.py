@@ -164,11 +164,12 @@ class LabelledImageSet:
     class_names: list[str]
 
 
-def open_images(source: str | os.PathLike | bytes | BinaryIO, *, limits: DataLimits = DataLimits(),
-                verify: bool = True) -> ImageSet:
+def open_images(source: str | os.PathLike | bytes | BinaryIO | Sequence[str | os.PathLike], *,
+                limits: DataLimits = DataLimits(), verify: bool = True) -> ImageSet:
     """A folder (recursive; hidden files/dirs like .DS_Store, __MACOSX skipped silently), a zip, or
     a tar (optionally gzip/bzip2/xz compressed), given as a path, raw bytes, or a binary file object
-    (read from its start). Archives are recognised by content, not by file name.
+    (read from its start). Archives are recognised by content, not by file name. A list of paths is
+    one set made of all of them (a dataset uploaded in parts); a path seen twice is a duplicate.
 
     Every candidate file is decoded here (in parallel threads), so bad files land in `rejected`
     with a reason. `verify=False` checks only each file's header: for a dataset validated before
@@ -176,6 +177,12 @@ def open_images(source: str | os.PathLike | bytes | BinaryIO, *, limits: DataLim
     Archive-level hostility raises DataError; so does a result without a single usable image.
     """
     collector = _Collector(limits)
+    for one in (source if isinstance(source, (list, tuple)) else [source]):
+        _collect(one, collector)
+    return collector.image_set(verify)
+
+
+def _collect(source: str | os.PathLike | bytes | BinaryIO, collector: "_Collector") -> None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         _collect_archive(io.BytesIO(source), collector)
     elif isinstance(source, (str, os.PathLike)):
@@ -196,7 +203,6 @@ def open_images(source: str | os.PathLike | bytes | BinaryIO, *, limits: DataLim
         _collect_archive(source, collector)
     else:
         raise TypeError(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
-    return collector.image_set(verify)
 
 
 def normalise_class_name(name: str) -> str:

@@ -396,3 +396,26 @@ def test_labelled_without_class_folders():
 ])
 def test_normalise_class_name(raw, expected):
     assert normalise_class_name(raw) == expected
+
+
+# --------------------------------------------------------------------------- a dataset in parts
+
+
+def test_several_archives_are_one_set_and_a_path_in_two_parts_is_a_duplicate(tmp_path):
+    first = tmp_path / "part1.zip"
+    first.write_bytes(make_zip({"a/1.png": PNG, "a/2.jpg": JPEG}))
+    second = tmp_path / "part2.tar.gz"
+    second.write_bytes(make_tar({"b/3.png": PNG, "a/1.png": JPEG, "notes.txt": b"hi"}))
+    images = open_images([first, second])
+    assert images.names == ["a/1.png", "a/2.jpg", "b/3.png"]
+    assert reasons(images) == {"a/1.png": "duplicate path in archive", "notes.txt": "not an image file"}
+    assert images[0].size == Image.open(io.BytesIO(PNG)).size  # the first part's a/1.png, not the second's
+
+
+def test_parts_without_one_usable_image_are_refused_together(tmp_path):
+    empty = tmp_path / "empty.zip"
+    empty.write_bytes(make_zip({"notes.txt": b"hi"}))
+    assert code_of([empty, empty]) == code_of(empty)
+    good = tmp_path / "good.zip"
+    good.write_bytes(make_zip({"x.png": PNG}))
+    assert len(open_images([empty, good])) == 1  # a part with no image is fine when another has some

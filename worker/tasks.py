@@ -26,13 +26,14 @@ from app.core import backbones
 from app.core.db import session_scope
 from app.core.errors import ServiceError
 from app.core.jobs import claim, fail, heartbeat, mark_cancelled, status_of, succeed
-from app.core.models import Classifier, Job, JobStatus, new_id
+from app.core.crud import dataset_images
+from app.core.models import Classifier, Dataset, Job, JobStatus, new_id
 from app.core.queue import TASK_NAME
 from app.core.settings import Settings, get_settings
-from app.core.storage import classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions
+from app.core.storage import (classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions,
+                              new_artifact_key)
 # Importing adapt here, in the parent, loads torch and the method: each forked job process starts fast.
-from coft import (CoFTConfig, DataError, LabelledImages, LLMEndpoint, Progress, adapt, open_images,
-                  open_labelled_images)
+from coft import CoFTConfig, DataError, LabelledImages, LLMEndpoint, Progress, adapt, open_labelled_images
 from worker.celery_app import celery_app
 
 log = logging.getLogger("worker.tasks")
@@ -48,9 +49,9 @@ class JobFailure(Exception):
         self.code, self.message = code, message
 
 
-@celery_app.task(name=TASK_NAME, ignore_result=True)
-def run_job(job_id: str) -> None:
-    JobRun(get_settings(), job_id).run()
+@celery_app.task(name=TASK_NAME, ignore_result=True, bind=True)
+def run_job(task, job_id: str) -> None:
+    JobRun(get_settings(), job_id, task.request.hostname or socket.gethostname()).run()
 
 
 def _json_safe(value: Any) -> Any:
@@ -63,11 +64,12 @@ def _json_safe(value: Any) -> Any:
 
 
 class JobRun:
-    def __init__(self, settings: Settings, job_id: str):
+    def __init__(self, settings: Settings, job_id: str, node: str):
         self.settings, self.job_id = settings, job_id
         self.db = settings.database_url
-        self.storage = get_storage(settings.data_dir)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.storage = get_storage(settings)
+        self.work = None  # the job's working directory in the store, once the run has started
+        self.worker = f"{node}:{os.getpid()}"  # the Celery node (name@host) and the job's process
         self.attempt = 0
         self.stop = threading.Event()  # set by the heartbeat thread when the row stops saying RUNNING
         self.done = threading.Event()
@@ -120,7 +122,8 @@ class JobRun:
     def _execute(self) -> None:
         with session_scope(self.db) as session:
             job = session.get(Job, self.job_id)
-        if job.dataset_id is None:
+            dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
+        if dataset is None:
             raise JobFailure("dataset-deleted", "the job's dataset was deleted")
         try:
             model, pretrained = backbones.resolve(self.settings, job.backbone_model, job.backbone_pretrained)
@@ -129,33 +132,36 @@ class JobRun:
         config = CoFTConfig.from_dict(job.config)
         # Datasets were decoded whole when they were uploaded: here only headers are read, and the run
         # decodes each image once, into its cache.
-        with self.storage.local_file(dataset_archive(job.dataset_id)) as path:
-            images = open_images(path, limits=self.settings.data_limits(), verify=False)
+        with dataset_images(self.storage, dataset, self.settings.data_limits(), verify=False) as opened:
+            images = opened
         evaluation = None
         if job.eval_dataset_id is not None:
             with self.storage.local_file(dataset_archive(job.eval_dataset_id)) as path:
                 labelled = open_labelled_images(path, class_names=job.class_names,
                                                 limits=self.settings.data_limits(), verify=False)
             evaluation = LabelledImages(labelled.images, torch.tensor(labelled.labels))
-        with self.storage.work_dir(job_checkpoints(self.job_id)) as checkpoints:
+        # Checkpoints go to the store after every stage, so another host can resume the job from them.
+        with self.storage.work_dir(job_checkpoints(self.job_id)) as work:
+            self.work = work
             result = adapt(images, job.class_names, method=job.method, model=model, pretrained=pretrained,
-                           config=config, progress=self._progress, checkpoint_dir=checkpoints,
+                           config=config, progress=self._progress, checkpoint_dir=work.path,
                            evaluation=evaluation, device=self.settings.device,
                            descriptions=job.class_descriptions, llm=self._llm())
         if self.stop.is_set():
             raise Stopped()
 
         classifier_id = new_id("clf")
+        artifact_key = new_artifact_key(classifier_id)  # written whole before any row names it
         with tempfile.TemporaryDirectory() as scratch:
             artifact = result.classifier.save(Path(scratch) / "artifact")
-            size = self.storage.put_dir(classifier_dir(classifier_id), artifact)
+            size = self.storage.put_dir(artifact_key, artifact)
         predictions = [{"name": name, "label": label, "probability": probability} for name, label, probability
                        in zip(images.names, result.predictions.labels, result.predictions.confidences)]
         self.storage.write(job_predictions(self.job_id), [json.dumps(predictions).encode()])
         row = Classifier(id=classifier_id, tenant_id=job.tenant_id, job_id=job.id, class_names=job.class_names,
                          method=job.method, backbone_model=job.backbone_model,
                          backbone_pretrained=job.backbone_pretrained,
-                         num_members=len(result.classifier.members), size_bytes=size)
+                         num_members=len(result.classifier.members), size_bytes=size, artifact_key=artifact_key)
         with session_scope(self.db) as session:
             succeeded = succeed(session, self.job_id, self.attempt, row, self._metrics(result.metrics))
         if not succeeded:  # cancelled (or taken over) while the artifact was being written
@@ -181,6 +187,8 @@ class JobRun:
             raise Stopped()
         if event.message == "resumed from checkpoint":  # coft's words for a stage an earlier attempt finished
             self.resumed_stages.append(event.stage)
+        if event.message == "done" and event.stage_fraction >= 1.0 and self.work is not None:
+            self.work.sync()  # the stage's checkpoint, into the store
         now = time.monotonic()
         # Write on every stage change (users watch stages) and otherwise at the heartbeat rate.
         if event.stage == self.last_stage and now - self.last_write < self.settings.heartbeat_interval_s:

@@ -37,8 +37,10 @@ def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterato
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer coft_...`")
 
 
-def current_tenant(session: Annotated[Session, Depends(get_session)],
+def current_tenant(request: Request, session: Annotated[Session, Depends(get_session)],
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+    if (checked := getattr(request.state, "tenant", None)) is not None:  # by the gate, from these headers
+        return checked
     unauthorized = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Problem(401, "unauthorized", "send an API key as `Authorization: Bearer KEY`", "Unauthorized",

@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.core.errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
+from app.core.errors import Conflict, Invalid, NotFound, OverQuota, ServiceError, Unavailable
 
 PROBLEM_BASE = "https://coft.dev/problems/"
 PROBLEM_JSON = "application/problem+json"
@@ -40,7 +40,7 @@ class Problem(Exception):
 
 
 # What each kind of core error answers.
-_CORE_STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, Unavailable: 503}
+_CORE_STATUS = {Invalid: 422, NotFound: 404, Conflict: 409, OverQuota: 413, Unavailable: 503}
 
 
 def problem_response(status: int, slug: str, title: str, detail: str, instance: str | None = None,

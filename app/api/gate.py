@@ -31,6 +31,7 @@ log = logging.getLogger("app.gate")
 # (method, path pattern) -> the rate-limit bucket that request draws from.
 GATED_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/v1/datasets/?$"), "uploads"),
+    ("POST", re.compile(r"^/v1/datasets/[^/]+/parts/?$"), "uploads"),
     ("POST", re.compile(r"^/v1/classifiers/[^/]+/predict/?$"), "predict"),
     ("POST", re.compile(r"^/v1/zero-shot/predict/?$"), "predict"),
 ]
@@ -80,30 +81,34 @@ class FileRouteGate:
         if bucket is None:
             return await self.app(scope, receive, send)
         # Blocking work (a DB query, a Redis round trip) runs in a thread, as FastAPI does for sync routes.
-        response = await anyio.to_thread.run_sync(self._refusal, bucket, _bearer_key(scope["headers"]), scope["path"])
+        tenant, response = await anyio.to_thread.run_sync(self._check, bucket, _bearer_key(scope["headers"]),
+                                                          scope["path"])
         if response is not None:
             return await response(scope, receive, send)
+        scope.setdefault("state", {})["tenant"] = tenant  # the route's current_tenant need not look it up again
         await self.app(scope, receive, send)
 
-    def _refusal(self, bucket: str, key: str | None, path: str):
+    def _check(self, bucket: str, key: str | None, path: str):
+        """(tenant, None) when the request may go on, else (None, the refusal)."""
         if key is None:
-            return problem_response(401, "unauthorized", "Unauthorized", "send an API key as `Authorization: Bearer KEY`",
-                                    path, {"WWW-Authenticate": "Bearer"})
+            return None, problem_response(401, "unauthorized", "Unauthorized",
+                                          "send an API key as `Authorization: Bearer KEY`", path,
+                                          {"WWW-Authenticate": "Bearer"})
         session = session_factory(self.settings.database_url)()
         try:
             tenant = tenant_for_key(session, key)
         finally:
             session.close()
         if tenant is None:
-            return problem_response(401, "unauthorized", "Unauthorized", "unknown API key", path,
-                                    {"WWW-Authenticate": "Bearer"})
+            return None, problem_response(401, "unauthorized", "Unauthorized", "unknown API key", path,
+                                          {"WWW-Authenticate": "Bearer"})
         try:
             retry_after = self.rate_limits.retry_after_s(bucket, tenant.id)
         except Exception:  # noqa: BLE001 - the limiter's store is down: serve rather than fail
             log.warning("rate limiter unavailable; request allowed", exc_info=True)
-            return None
+            return tenant, None
         if retry_after is None:
-            return None
-        return problem_response(429, "rate-limited", "Too many requests",
-                                f"over this tenant's {bucket} rate limit; retry in {retry_after} s", path,
-                                {"Retry-After": str(retry_after)}, retry_after_s=retry_after)
+            return tenant, None
+        return None, problem_response(429, "rate-limited", "Too many requests",
+                                      f"over this tenant's {bucket} rate limit; retry in {retry_after} s", path,
+                                      {"Retry-After": str(retry_after)}, retry_after_s=retry_after)

@@ -6,13 +6,18 @@ decompression bomb or a PDF named cat.jpg is refused the same way).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, TypeVar
 
+import anyio
+import torch
 from fastapi import UploadFile
 
-from coft import DataError, ImageSet, Predictions, decode_image
+from coft import Classifier, DataError, ImageSet, Predictions, decode_image
+from app.api.batcher import Batcher, BatcherClosed
 from app.api.errors import Problem
 from app.api.schemas import ImagePrediction, LabelProbability
 from app.core.settings import Settings
@@ -21,27 +26,71 @@ V = TypeVar("V")
 
 
 class LRUCache(Generic[V]):
-    """A few loaded models (hundreds of MB each for real backbones), least recently used dropped."""
+    """A few loaded models (hundreds of MB each for real backbones), least recently used dropped.
 
-    def __init__(self, size: int):
+    Loading one key does not hold up requests for another: the cache's lock guards only the
+    bookkeeping, and each key has its own lock, so racing requests for one key load it once."""
+
+    def __init__(self, size: int, on_evict: Callable[[V], None] | None = None):
         self.size = size
+        self.on_evict = on_evict
         self._items: OrderedDict[Hashable, V] = OrderedDict()
-        self._lock = threading.Lock()  # one load per key even when requests race
+        self._loading: dict[Hashable, threading.Lock] = {}
+        self._lock = threading.Lock()
 
     def get(self, key: Hashable, load: Callable[[], V]) -> V:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._items:  # loaded by the request that held key_lock before us
+                    return self._items[key]
             value = load()
-            self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-            return value
+            with self._lock:
+                self._items[key] = value
+                self._loading.pop(key, None)
+                evicted = [self._items.popitem(last=False)[1] for _ in range(len(self._items) - self.size)]
+        for old in evicted:
+            self._evicted(old)
+        return value
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
-            self._items.pop(key, None)
+            value = self._items.pop(key, None)
+        if value is not None:
+            self._evicted(value)
+
+    def _evicted(self, value: V) -> None:
+        if self.on_evict is not None:
+            self.on_evict(value)
+
+
+@dataclass
+class ServedClassifier:
+    """A loaded classifier, its test-time transform and the batcher that runs its forward passes."""
+    classifier: Classifier
+    transform: Callable
+    batcher: Batcher
+
+    @classmethod
+    def start(cls, classifier: Classifier, settings: Settings, name: str,
+              on_batch: Callable[[int], None] | None = None) -> "ServedClassifier":
+        return cls(classifier, classifier.transform(),
+                   Batcher(classifier.probabilities, settings.predict_max_batch, settings.predict_max_wait_ms,
+                           name=name, on_batch=on_batch))
+
+    async def predict(self, image_set: ImageSet) -> Predictions:
+        """Transform the images in a worker thread (the event loop stays free), then join a batch."""
+        pixels = await anyio.to_thread.run_sync(
+            lambda: torch.stack([self.transform(image_set[i]) for i in range(len(image_set))]))
+        try:
+            probabilities = await asyncio.wrap_future(self.batcher.submit(pixels))
+        except BatcherClosed:  # the model left the cache while this request held it: run it alone
+            probabilities = await anyio.to_thread.run_sync(self.classifier.probabilities, pixels)
+        return Predictions(self.classifier.class_names, probabilities)
 
 
 def read_images(files: list[UploadFile], settings: Settings) -> ImageSet:

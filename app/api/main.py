@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 from functools import partial
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.core import crud
 from app.core.auth import ensure_key
 from app.core.db import session_scope
 from app.api.errors import BodySizeLimit, document_problems, install_error_handlers
@@ -44,13 +46,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with session_scope(settings.database_url) as session:
                 ensure_key(session, settings.bootstrap_tenant, settings.bootstrap_api_key)
             log.info("bootstrap API key ensured", extra={"tenant": settings.bootstrap_tenant})
+        # Validations cut short by a restart run again (the answer does not depend on who computes it).
+        with session_scope(settings.database_url) as session:
+            left = crud.datasets_left_validating(session)
+        for dataset_id in left:
+            threading.Thread(target=crud.validate_dataset, args=(settings, app.state.storage, dataset_id),
+                             name=f"validate-{dataset_id}", daemon=True).start()
         yield
 
     app = FastAPI(title="coft", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.storage = get_storage(settings.data_dir)
+    app.state.storage = get_storage(settings)
     app.state.metrics = Metrics(settings.database_url)
-    app.state.classifiers = LRUCache(settings.classifier_cache_size)  # loaded artifacts, by classifier id
+    # loaded artifacts, by storage key, each with its batcher (stopped when the model leaves the cache)
+    app.state.classifiers = LRUCache(settings.classifier_cache_size, on_evict=lambda served: served.batcher.close())
     app.state.backbones = LRUCache(settings.classifier_cache_size)  # zero-shot backbones
     # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
     app.state.celery = make_celery(settings) if settings.redis_url else None
@@ -71,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _body_limit(settings: Settings, method: str, path: str) -> int:
     """Uploads and predictions carry files; every other body is a small JSON document."""
-    if method == "POST" and path.rstrip("/") == "/v1/datasets":
+    if method == "POST" and (path.rstrip("/") == "/v1/datasets" or path.rstrip("/").endswith("/parts")):
         return settings.max_upload_bytes
     if method == "POST" and path.endswith("/predict"):
         return settings.max_predict_bytes

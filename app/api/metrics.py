@@ -53,6 +53,9 @@ class Metrics:
                                          ["method", "route", "status"], registry=self.registry)
         self.predict_batch = Histogram("coft_predict_batch_size", "Images per predict request", ["endpoint"],
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.forward_batch = Histogram("coft_predict_forward_batch_size", "Images per forward pass (micro-batched)",
+                                       ["endpoint"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                                       registry=self.registry)
         self.registry.register(JobCollector(database_url))
 
 

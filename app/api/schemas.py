@@ -28,7 +28,7 @@ class RejectedFileOut(BaseModel):
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
         "id": "ds_3f9c2a1b7e8d4c5a6b7c", "filename": "birds.zip", "size_bytes": 18223311, "sha256": "9f86d0...",
-        "num_images": 1200, "num_rejected": 1,
+        "num_images": 1200, "num_rejected": 1, "status": "ready", "num_parts": 0, "error": None,
         "rejected": [{"path": "notes.txt", "reason": "not an image file"}], "created_at": "2026-01-01T12:00:00Z"}]})
 
     id: str
@@ -38,7 +38,16 @@ class DatasetOut(BaseModel):
     num_images: int
     num_rejected: int
     rejected: list[RejectedFileOut] = Field(description="why files were skipped (the first 1000)")
+    status: Literal["uploading", "validating", "ready", "failed"] = Field(
+        description="jobs can use a `ready` dataset; `failed` says why in `error`")
+    num_parts: int = Field(description="archives appended to it (0: uploaded as one archive)")
+    error: str | None = None
     created_at: datetime
+
+
+class UploadCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filename: str | None = Field(None, max_length=500, description="a name for the dataset")
 
 
 class BackboneSpec(BaseModel):

@@ -5,25 +5,29 @@ another tenant's id exactly like an unknown one (NotFound).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Celery
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coft import CoFTConfig, DataError, open_images, open_labelled_images
+from coft import CoFTConfig, DataError, DataLimits, ImageSet, open_images, open_labelled_images
 from app.core import backbones
-from app.core.errors import Conflict, Invalid, Unavailable, not_found
+from app.core.db import session_scope
+from app.core.errors import Conflict, Invalid, OverQuota, Unavailable, not_found
 from app.core.jobs import fail_unqueued, request_cancel
-from app.core.models import Classifier, Dataset, Job, JobStatus, new_id
+from app.core.models import Classifier, Dataset, DatasetStatus, Job, JobStatus, new_id
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
-from app.core.storage import Storage, classifier_dir, dataset_archive, dataset_dir, job_predictions
+from app.core.storage import (Storage, classifier_dir, dataset_archive, dataset_dir, dataset_parts,
+                              job_predictions, new_part_key)
 
 MAX_REJECTED_STORED = 1000
 log = logging.getLogger("app.core")
@@ -44,23 +48,162 @@ def owned(session: Session, tenant_id: str, model: type[Row], id_: str, kind: st
 def create_dataset(session: Session, tenant_id: str, storage: Storage, settings: Settings, filename: str | None,
                    chunks: Iterable[bytes]) -> Dataset:
     """Store an uploaded archive and check every image in it; unusable files are listed, a hostile or
-    empty archive is refused (Invalid, with coft.data's code) and nothing of it is kept."""
+    empty archive is refused (Invalid, with coft.data's code) and nothing of it is kept. An archive
+    over COFT_INLINE_VALIDATION_BYTES is stored and left `validating`: the caller runs
+    `validate_dataset` in the background."""
+    check_quota(session, tenant_id, settings)
     dataset_id = new_id("ds")
     key = dataset_archive(dataset_id)
     size, sha256 = storage.write(key, chunks)
     try:
-        with storage.local_file(key) as path:
-            images = open_images(path, limits=settings.data_limits())  # decodes every image: bad ones are `rejected`
+        check_quota(session, tenant_id, settings, incoming=size)
+    except OverQuota:
+        storage.delete(dataset_dir(dataset_id))
+        raise
+    dataset = Dataset(id=dataset_id, tenant_id=tenant_id, filename=_clean_name(filename), size_bytes=size,
+                      sha256=sha256, num_images=0, num_parts=0, status=DatasetStatus.VALIDATING)
+    if size > settings.inline_validation_bytes:
+        session.add(dataset)
+        session.commit()
+        return dataset
+    try:
+        with dataset_images(storage, dataset, settings.data_limits()) as images:
+            _record_images(dataset, images)
     except DataError as error:
         storage.delete(dataset_dir(dataset_id))
         raise Invalid(error.code, error.message, "Unusable dataset") from None
-    rejected = [{"path": r.path, "reason": r.reason} for r in images.rejected]
-    # NUL is the one character PostgreSQL text refuses; a client-chosen name must not make a 500.
-    dataset = Dataset(id=dataset_id, tenant_id=tenant_id, filename=(filename or "upload").replace("\x00", "")[:500],
-                      size_bytes=size, sha256=sha256, num_images=len(images),
-                      rejected=rejected[:MAX_REJECTED_STORED], num_rejected=len(rejected))
     session.add(dataset)
     session.commit()
+    return dataset
+
+
+def _clean_name(filename: str | None) -> str:
+    # NUL is the one character PostgreSQL text refuses; a client-chosen name must not make a 500.
+    return (filename or "upload").replace("\x00", "")[:500]
+
+
+def _record_images(dataset: Dataset, images: ImageSet) -> None:
+    rejected = [{"path": r.path, "reason": r.reason} for r in images.rejected]
+    dataset.num_images, dataset.num_rejected = len(images), len(rejected)
+    dataset.rejected = rejected[:MAX_REJECTED_STORED]
+    dataset.status, dataset.error = DatasetStatus.READY, None
+
+
+@contextmanager
+def dataset_images(storage: Storage, dataset: Dataset, limits: DataLimits, verify: bool = True) -> Iterator[ImageSet]:
+    """The dataset's images, from its one archive or all its parts (local copies for the block)."""
+    if dataset.num_parts == 0:
+        with storage.local_file(dataset_archive(dataset.id)) as path:
+            yield open_images(path, limits=limits, verify=verify)
+    else:
+        with storage.local_dir(dataset_parts(dataset.id)) as folder:
+            yield open_images(sorted(folder.iterdir()), limits=limits, verify=verify)
+
+
+def validate_dataset(settings: Settings, storage: Storage, dataset_id: str) -> None:
+    """Background validation of a stored dataset: `ready` with its counts, or `failed` with why. Run
+    again on a dataset left `validating` (a restarted API does), it gives the same answer."""
+    with session_scope(settings.database_url) as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.status != DatasetStatus.VALIDATING:
+            return
+        try:
+            with dataset_images(storage, dataset, settings.data_limits()) as images:
+                _record_images(dataset, images)
+        except DataError as error:
+            dataset.status, dataset.error = DatasetStatus.FAILED, f"{error.code}: {error.message}"
+        except Exception as error:  # noqa: BLE001 - a broken store must not leave it `validating` forever
+            log.exception("dataset validation failed", extra={"dataset_id": dataset_id})
+            dataset.status, dataset.error = DatasetStatus.FAILED, f"internal: {type(error).__name__}"
+        log.info("dataset validated", extra={"dataset_id": dataset_id, "status": str(dataset.status)})
+
+
+def datasets_left_validating(session: Session) -> list[str]:
+    return list(session.scalars(select(Dataset.id).where(Dataset.status == DatasetStatus.VALIDATING)))
+
+
+def check_quota(session: Session, tenant_id: str, settings: Settings, incoming: int = 0) -> None:
+    """OverQuota when the tenant's stored datasets plus `incoming` bytes pass COFT_TENANT_QUOTA_BYTES."""
+    if settings.tenant_quota_bytes is None:
+        return
+    used = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0))
+                          .where(Dataset.tenant_id == tenant_id)) or 0
+    if used + incoming > settings.tenant_quota_bytes or (incoming == 0 and used >= settings.tenant_quota_bytes):
+        raise OverQuota("quota-exceeded", f"this tenant's datasets would hold {used + incoming} bytes, over its "
+                        f"quota of {settings.tenant_quota_bytes}; delete datasets to make room", "Storage quota exceeded",
+                        used_bytes=used, quota_bytes=settings.tenant_quota_bytes)
+
+
+def create_upload(session: Session, tenant_id: str, settings: Settings, filename: str | None) -> Dataset:
+    """An empty dataset to append archives to (`append_part`), then `finalize_upload`."""
+    check_quota(session, tenant_id, settings)
+    dataset = Dataset(tenant_id=tenant_id, filename=_clean_name(filename), size_bytes=0, sha256="", num_images=0,
+                      num_parts=0, status=DatasetStatus.UPLOADING)
+    session.add(dataset)
+    session.commit()
+    return dataset
+
+
+def append_part(session: Session, tenant_id: str, storage: Storage, settings: Settings, dataset_id: str,
+                chunks: Iterable[bytes]) -> Dataset:
+    """Store one more archive of an `uploading` dataset. Parts are checked when the upload is finalised."""
+    dataset = owned(session, tenant_id, Dataset, dataset_id, "dataset")
+    _check_uploading(dataset)
+    if dataset.num_parts >= settings.max_dataset_parts:
+        raise Invalid("too-many-parts", f"a dataset has at most {settings.max_dataset_parts} parts",
+                      "Too many parts")
+    check_quota(session, tenant_id, settings)
+    key = new_part_key(dataset_id)
+    size, _ = storage.write(key, chunks)
+    try:
+        check_quota(session, tenant_id, settings, incoming=size)
+        # Counted only while still uploading: a part racing the finalise is refused, not lost in it.
+        counted = session.execute(update(Dataset).where(Dataset.id == dataset_id,
+                                                        Dataset.status == DatasetStatus.UPLOADING)
+                                  .values(num_parts=Dataset.num_parts + 1, size_bytes=Dataset.size_bytes + size))
+        if counted.rowcount != 1:
+            session.rollback()
+            _check_uploading(session.get(Dataset, dataset_id, populate_existing=True))
+        session.commit()
+    except Exception:
+        storage.delete(key)
+        raise
+    session.refresh(dataset)
+    return dataset
+
+
+def finalize_upload(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """No more parts: the dataset becomes `validating`; the caller runs `validate_dataset` in the background."""
+    dataset = owned(session, tenant_id, Dataset, dataset_id, "dataset")
+    _check_uploading(dataset)
+    if dataset.num_parts == 0:
+        raise Invalid("no-parts", "append at least one archive before finalising", "Nothing uploaded")
+    session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.status == DatasetStatus.UPLOADING)
+                    .values(status=DatasetStatus.VALIDATING, sha256=_parts_digest(session, dataset_id)))
+    session.commit()
+    session.refresh(dataset)
+    return dataset
+
+
+def _parts_digest(session: Session, dataset_id: str) -> str:
+    """A dataset in parts is named by its size and count here, not a hash of bytes it never held whole."""
+    dataset = session.get(Dataset, dataset_id)
+    return hashlib.sha256(f"{dataset_id}:{dataset.num_parts}:{dataset.size_bytes}".encode()).hexdigest()
+
+
+def _check_uploading(dataset: Dataset | None) -> None:
+    if dataset is not None and dataset.status != DatasetStatus.UPLOADING:
+        raise Conflict("dataset-not-uploading", f"dataset {dataset.id} is {dataset.status}: parts can be appended "
+                       "only before it is finalised", "Dataset not uploading", dataset_status=str(dataset.status))
+
+
+def ready_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset, if jobs can use it now (Conflict while it uploads or validates)."""
+    dataset = owned(session, tenant_id, Dataset, dataset_id, "dataset")
+    if dataset.status != DatasetStatus.READY:
+        detail = dataset.error if dataset.status == DatasetStatus.FAILED else "wait until its status is ready"
+        raise Conflict("dataset-not-ready", f"dataset {dataset.id} is {dataset.status}: {detail}",
+                       "Dataset not ready", dataset_status=str(dataset.status))
     return dataset
 
 
@@ -115,9 +258,9 @@ def create_job(session: Session, tenant_id: str, request: JobRequest, *, setting
     same request, that first job. Returns (job, replayed)."""
     if idempotency_key is not None and (replay := _replay(session, tenant_id, idempotency_key, request_hash)):
         return replay, True
-    dataset = owned(session, tenant_id, Dataset, request.dataset_id, "dataset")
+    dataset = ready_dataset(session, tenant_id, request.dataset_id)
     if request.eval_dataset_id is not None:
-        _check_eval_dataset(owned(session, tenant_id, Dataset, request.eval_dataset_id, "dataset").id,
+        _check_eval_dataset(ready_dataset(session, tenant_id, request.eval_dataset_id),
                             request.class_names, storage, settings)
     model = request.model or settings.default_model
     backbones.resolve(settings, model, request.pretrained)
@@ -155,10 +298,12 @@ def _replay(session: Session, tenant_id: str, key: str, request_hash: str) -> Jo
     return job
 
 
-def _check_eval_dataset(dataset_id: str, class_names: list[str], storage: Storage, settings: Settings) -> None:
+def _check_eval_dataset(dataset: Dataset, class_names: list[str], storage: Storage, settings: Settings) -> None:
     """Fail now, not an hour into training, if the holdout's folders are not the job's classes."""
+    if dataset.num_parts:
+        raise Invalid("eval-dataset-in-parts", "an eval dataset is one archive (class folders), not parts")
     try:
-        with storage.local_file(dataset_archive(dataset_id)) as path:
+        with storage.local_file(dataset_archive(dataset.id)) as path:
             open_labelled_images(path, class_names=class_names, limits=settings.data_limits())
     except DataError as error:
         raise Invalid(error.code, f"eval dataset: {error.message}", "Unusable eval dataset") from None
@@ -190,9 +335,12 @@ def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job
 # --------------------------------------------------------------------------- classifiers
 
 
-def delete_classifier(session: Session, tenant_id: str, storage: Storage, classifier_id: str) -> None:
+def delete_classifier(session: Session, tenant_id: str, storage: Storage, classifier_id: str) -> str:
+    """Delete a classifier's row, then every version of its artifact; returns the key it was served from."""
     row = owned(session, tenant_id, Classifier, classifier_id, "classifier")
+    artifact_key = row.artifact_key
     session.execute(update(Job).where(Job.classifier_id == classifier_id).values(classifier_id=None))
     session.delete(row)
     session.commit()
     storage.delete(classifier_dir(classifier_id))
+    return artifact_key

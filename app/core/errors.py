@@ -30,6 +30,10 @@ class Conflict(ServiceError):
     """The request contradicts the state it meets (a reused idempotency key, a finished job)."""
 
 
+class OverQuota(ServiceError):
+    """The tenant's stored bytes would pass its quota."""
+
+
 class Unavailable(ServiceError):
     """Something the request needs is down (the queue); trying again later may work."""
 

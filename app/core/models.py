@@ -74,6 +74,13 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class DatasetStatus(enum.StrEnum):
+    UPLOADING = "uploading"
+    VALIDATING = "validating"
+    READY = "ready"
+    FAILED = "failed"
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
@@ -84,6 +91,10 @@ class Dataset(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     rejected: Mapped[list[Any]] = mapped_column(default=list)  # [{path, reason}], the first 1000
     num_rejected: Mapped[int] = mapped_column(Integer, default=0)
+    # uploading (parts being appended) -> validating (in the background) -> ready | failed (`error` says why)
+    status: Mapped[str] = mapped_column(String(20), default=DatasetStatus.READY, server_default=DatasetStatus.READY)
+    num_parts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0: one archive, one request
+    error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -150,4 +161,6 @@ class Classifier(_NamesABackbone, Base):
     method: Mapped[str] = mapped_column(String(32))
     num_members: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
+    # The artifact's storage key: written once, before the row names it (app.core.storage.put_dir).
+    artifact_key: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coft import DataLimits
@@ -18,6 +18,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COFT_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Path("data")  # datasets, checkpoints, classifier artifacts, the SQLite file
+    # Where datasets, checkpoints and artifacts go: s3://bucket/prefix (with COFT_S3_ENDPOINT_URL for
+    # MinIO and other S3-compatible stores; credentials and region from the AWS variables), or local
+    # disk under data_dir when unset.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    # What a host keeps of what it downloads from the store (datasets, artifacts) and of running jobs'
+    # work (decoded images): a bounded cache, least recently used first out.
+    cache_dir: Path | None = None  # default <data_dir>/cache
+    cache_max_bytes: int = 50 * 2**30
     models_dir: Path | None = None  # operator-supplied open_clip local-dir models; default <data_dir>/models
     # The usual unprefixed names win because every hosting platform and tool speaks them.
     database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "COFT_DATABASE_URL"))
@@ -27,9 +36,19 @@ class Settings(BaseSettings):
 
     # Uploads
     max_upload_bytes: int = 2 * 2**30
+    # Datasets: a tenant's stored datasets may hold this many bytes in all (None: no quota); an archive
+    # larger than inline_validation_bytes is validated in the background (status `validating`), and a
+    # dataset uploaded in parts has at most max_dataset_parts of them, each up to max_upload_bytes.
+    tenant_quota_bytes: int | None = Field(100 * 2**30, ge=0)
+    inline_validation_bytes: int = Field(64 * 2**20, ge=0)
+    max_dataset_parts: int = Field(1000, ge=1)
     max_predict_images: int = 64  # per predict request
     max_predict_bytes: int = 64 * 2**20  # per predict request body
     classifier_cache_size: int = 4  # loaded classifiers (and zero-shot backbones) kept in memory
+    # Concurrent predict requests for one classifier share forward passes (as Triton's dynamic batcher):
+    # up to this many images, waiting at most this long for a batch to fill.
+    predict_max_batch: int = Field(64, ge=1, le=4096)
+    predict_max_wait_ms: float = Field(5.0, ge=0, le=1000)
     # What one image and one archive may cost to validate; the same image limits apply to /predict.
     max_image_pixels: int = 40_000_000  # width*height, checked on the header before decoding
     max_image_bytes: int = 50 * 2**20  # one image file (an archive member, or a predict upload)
@@ -65,10 +84,18 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _blank_device_is_automatic(cls, value: str | None) -> str | None:
+        # compose passes an unset ${VAR:-} as "": the same as not setting it
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> "Settings":
         if self.models_dir is None:
             self.models_dir = self.data_dir / "models"
+        if self.cache_dir is None:
+            self.cache_dir = self.data_dir / "cache"
         if self.database_url is None:
             self.database_url = f"sqlite:///{(self.data_dir / 'coft.db').resolve()}"
         if self.heartbeat_stale_s <= 2 * self.heartbeat_interval_s:

@@ -32,7 +32,10 @@ from app.serve import free_port
 from tests.service.helpers import TINY_MODEL, wait_for, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-BACKENDS = ["sqlite", "postgresql"]
+# A stack is a database and a store: SQLite or PostgreSQL with local disk, and PostgreSQL with an
+# S3 bucket (a real S3 server on loopback), the multi-host production setup.
+BACKENDS = ["sqlite", "postgresql", "s3"]
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 # Fast heartbeats and sweeps, and a small pause per progress event so tests can watch (and cancel) stages.
 WORKER_ENV = {
     "COFT_HEARTBEAT_INTERVAL_S": "0.2",
@@ -120,6 +123,53 @@ def _unprivileged_account() -> pwd.struct_passwd:
         except KeyError:
             continue
     raise RuntimeError("running as root and no unprivileged account to run PostgreSQL as")
+
+
+# --------------------------------------------------------------------------- S3
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, **{
+            "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"]})
+
+    def new_bucket(self) -> str:
+        name = f"coft-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server (`moto_server`), a real HTTP endpoint that speaks the S3 protocol, on loopback."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(S3_CREDENTIALS)  # what boto3 in this process (the API under test) signs with
+    try:
+        wait_for(lambda: _answers(endpoint) or server.poll() is not None, 60, 0.1, "moto_server")
+        if server.poll() is not None:
+            raise RuntimeError("moto_server exited")
+        yield S3Server(endpoint)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code < 500
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -226,18 +276,24 @@ def stacks(redis_server, models_dir, tmp_path_factory, request):
     def get(backend: str) -> Stack:
         if backend in built:
             return built[backend]
-        if backend == "postgresql":
+        if backend in ("postgresql", "s3"):
             database_url = request.getfixturevalue("postgres_server").create_database()
         else:
             database_url = None  # the default: SQLite under the data dir
         data_dir = tmp_path_factory.mktemp(f"data-{backend}")
+        store = {}
+        if backend == "s3":
+            server = request.getfixturevalue("s3_server")
+            store = {"COFT_STORAGE_URL": f"s3://{server.new_bucket()}/service",
+                     "COFT_S3_ENDPOINT_URL": server.endpoint_url, **S3_CREDENTIALS}
         env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(REPO), "COFT_DATA_DIR": str(data_dir),
-               "COFT_MODELS_DIR": str(models_dir), "REDIS_URL": f"{redis_server}/{BACKENDS.index(backend)}"}
+               "COFT_MODELS_DIR": str(models_dir), "REDIS_URL": f"{redis_server}/{BACKENDS.index(backend)}", **store}
         env.pop("DATABASE_URL", None)
         if database_url:
             env["DATABASE_URL"] = database_url
         settings = Settings(_env_file=None, data_dir=data_dir, models_dir=models_dir, database_url=database_url,
-                            redis_url=env["REDIS_URL"], device="cpu")
+                            redis_url=env["REDIS_URL"], device="cpu", storage_url=store.get("COFT_STORAGE_URL"),
+                            s3_endpoint_url=store.get("COFT_S3_ENDPOINT_URL"))
         run_migrations(settings.database_url)
         stack = Stack(backend, settings, env)
         stack.server = ServerThread(create_app(settings))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -57,6 +58,36 @@ def test_classifier_predict_and_read(adapted):
     again = api.post(f"/v1/classifiers/{classifier_id}/predict", files=[("images", ("x.png", png(0)))]).json()
     assert again["predictions"][0]["label"] == img000["label"]
     assert abs(again["predictions"][0]["probability"] - img000["probability"]) < 1e-4
+
+
+def forward_passes(api) -> tuple[float, float]:
+    """(forward passes, images) the API's batchers have run for classifiers, from /metrics."""
+    values = {}
+    for line in api.get("/metrics").text.splitlines():
+        for name in ("count", "sum"):
+            if line.startswith(f'coft_predict_forward_batch_size_{name}{{endpoint="classifier"}}'):
+                values[name] = float(line.split()[-1])
+    return values.get("count", 0.0), values.get("sum", 0.0)
+
+
+def test_concurrent_predicts_share_forward_passes_and_get_their_own_answers(adapted):
+    api, job = adapted
+    url = f"/v1/classifiers/{job['classifier_id']}/predict"
+    requests = [images(seed, seed + 100) for seed in range(24)]
+    alone = [api.post(url, files=files).json()["predictions"] for files in requests[:4]]
+    passes_before, images_before = forward_passes(api)
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda files: api.post(url, files=files), requests))
+    assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers if a.status_code != 200]
+    together = [answer.json()["predictions"] for answer in answers]
+    for i, predictions in enumerate(together):
+        assert [p["filename"] for p in predictions] == [f"photo{i}.png", f"photo{i + 100}.png"]
+    for one, shared in zip(alone, together):  # batched with strangers, the same numbers
+        assert [p["label"] for p in one] == [p["label"] for p in shared]
+        assert all(abs(a["probability"] - b["probability"]) < 1e-4 for a, b in zip(one, shared))
+    passes_after, images_after = forward_passes(api)
+    assert images_after - images_before == 48
+    assert passes_after - passes_before < 24  # some requests shared a forward pass
 
 
 def test_predict_refuses_bad_images(adapted, stack):

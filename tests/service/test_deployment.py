@@ -69,8 +69,9 @@ def test_compose_structure(compose):
 
 def test_compose_operational_promises(compose):
     services = compose["services"]
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in d["capabilities"] for d in devices)
+    for name in ("worker", "api"):  # jobs train on the GPU, and predictions run there too
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] for d in devices)
     assert "--appendonly" in services["redis"]["command"]
     assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
     for name in ("api", "worker"):
@@ -86,9 +87,49 @@ def test_compose_operational_promises(compose):
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def test_compose_runs_an_object_store_and_makes_its_bucket(compose):
+    services = compose["services"]
+    assert services["minio"]["image"].startswith("minio/minio") and "healthcheck" in services["minio"]
+    bucket = services["bucket"]
+    assert bucket["restart"] == "no" and bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in " ".join(bucket["command"])
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+        environment = services[name]["environment"]
+        assert environment["COFT_STORAGE_URL"].startswith("s3://")
+        assert environment["COFT_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(environment)
+    for name, port in (("redis", 6379), ("postgres", 5432), ("minio", 9000)):  # reachable by worker hosts...
+        assert services[name]["ports"] == [f"${{SHARED_BIND:-127.0.0.1}}:{port}:{port}"]  # ...only when bound so
+
+
+@pytest.fixture(scope="module")
+def worker_host() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.worker.yml").read_text())
+
+
+def test_a_worker_host_runs_workers_against_the_main_hosts_shared_services(worker_host):
+    services = worker_host["services"]
+    assert set(services) == {"worker"}
+    worker = services["worker"]
+    assert "depends_on" not in worker  # nothing of its own to wait for
+    assert any("gpu" in d["capabilities"] for d in worker["deploy"]["resources"]["reservations"]["devices"])
+    environment = worker["environment"]
+    for name in ("DATABASE_URL", "REDIS_URL", "COFT_S3_ENDPOINT_URL"):
+        assert "${COFT_HOST:?" in environment[name], name  # the main host's address is required
+    assert environment["COFT_STORAGE_URL"].startswith("s3://")
+    assert_project_command(worker["command"])
+    assert_project_command(worker["healthcheck"]["test"][1:])
+    from app.core.settings import Settings
+
+    fields = {f"COFT_{name.upper()}" for name in Settings.model_fields}
+    assert all(variable in fields for variable in environment if variable.startswith("COFT_"))
+    assert set(worker_host["volumes"]) == {"coft-cache"}
+
+
 def test_compose_commands_exist(compose):
     for name, service in compose["services"].items():
-        if service.get("image", "").startswith(("redis", "postgres")):
+        if service.get("image", "").startswith(("redis", "postgres", "minio")):
             continue
         assert_project_command(service["command"])
         health = service.get("healthcheck", {}).get("test")

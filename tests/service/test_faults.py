@@ -1,7 +1,8 @@
-"""Faults with real processes: workers SIGKILLed mid-job, a job whose worker keeps dying, Redis
-restarting empty mid-job, the API killed and restarted, and artifacts that no reader sees half-written.
+"""Faults with real processes: workers SIGKILLed mid-job (resumed from local checkpoints, and from
+an S3 bucket's on another host), a job whose worker keeps dying, Redis restarting empty mid-job, the
+API killed and restarted.
 
-SQLite only: what is under test is the processes and the queue, not the database (the state
+SQLite mostly: what is under test is the processes and the queue, not the database (the state
 machine's transitions run on both databases in test_state_machine.py).
 """
 
@@ -23,7 +24,7 @@ from app.core.db import session_scope
 from app.api.main import create_app
 from app.core.models import Job
 from app.core.settings import Settings
-from app.core.storage import LocalStorage
+from app.core.storage import get_storage, job_checkpoints
 from tests.service.conftest import REPO, WORKER_ENV, ServerThread, Stack
 from app.serve import free_port
 from tests.service.helpers import api_answers, image_zip, png, wait_for
@@ -53,15 +54,17 @@ KILL_POINTS = {"phase1": ("phase1-model2", ["zero-shot", "phase1-model1"]),
                "phase2": ("phase2-model2", ["zero-shot", "phase1-model1", "phase1-model2", "filter", "phase2-model1"])}
 
 
-@pytest.mark.parametrize("phase", KILL_POINTS)
-def test_sigkilled_worker_is_restarted_and_the_job_resumes_from_its_checkpoints(sqlite_stack, phase):
-    stack = sqlite_stack
+@pytest.mark.parametrize("backend, phase", [("sqlite", "phase1"), ("sqlite", "phase2"), ("s3", "phase2")])
+def test_sigkilled_worker_is_restarted_and_the_job_resumes_from_its_checkpoints(stacks, backend, phase):
+    stack = stacks(backend)
+    stack.start_worker()
     api = stack.client(stack.new_key())
     kill_at, checkpointed = KILL_POINTS[phase]
     job_id = api.post("/v1/jobs", json=job_body(upload(api, image_zip(20)))).json()["id"]
     wait_stage(api, job_id, kill_at)
-    checkpoints = stack.settings.data_dir / "store" / "jobs" / job_id / "checkpoints"
-    assert all((checkpoints / f"{stage}.pt").exists() for stage in checkpointed)
+    storage = get_storage(stack.settings)
+    checkpoints = job_checkpoints(job_id)
+    assert all(storage.exists(f"{checkpoints}/{stage}.pt") for stage in checkpointed)  # in the store
     os.killpg(stack.worker.pid, signal.SIGKILL)  # the worker and its job process, with no warning
     stack.worker.wait()
     assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # nobody knows yet
@@ -70,8 +73,8 @@ def test_sigkilled_worker_is_restarted_and_the_job_resumes_from_its_checkpoints(
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
     assert done["metrics"]["resumed_stages"] == checkpointed
-    assert done["metrics"]["image_cache"]["reused"] is True  # the first attempt's decoded images
-    assert not checkpoints.exists()  # checkpoints and the cache go once the job has ended
+    assert done["metrics"]["image_cache"]["reused"] is True  # the first attempt's decoded images, on this host
+    assert not storage.exists(checkpoints)  # checkpoints and the cache go once the job has ended
     assert api.post(f"/v1/classifiers/{done['classifier_id']}/predict",
                     files=[("images", ("x.png", png(1)))]).status_code == 200
 
@@ -239,60 +242,3 @@ def test_the_worker_never_forks_in_the_middle_of_a_sweep(tmp_path, models_dir, r
     assert waited >= 0.9, f"the fork went ahead after {waited:.2f} s, in the middle of the sweep"
     with session_scope(settings.database_url) as session:
         assert session.get(Job, job_id).updated_at > queued_at  # the sweep did finish, after the fork
-
-
-def test_replacing_a_stored_directory_keeps_only_the_new_files(tmp_path):
-    storage = LocalStorage(tmp_path / "store")
-    first, second = tmp_path / "first", tmp_path / "second"
-    (first / "sub").mkdir(parents=True)
-    (first / "stale.bin").write_bytes(b"old")
-    (first / "sub" / "weights.bin").write_bytes(b"old weights")
-    second.mkdir()
-    (second / "classifier.json").write_text("{}")
-    storage.put_dir("classifiers/clf_x", first)
-    assert storage.put_dir("classifiers/clf_x", second) == 2
-    stored = tmp_path / "store" / "classifiers"
-    assert sorted(p.relative_to(stored).as_posix() for p in stored.rglob("*")) == ["clf_x", "clf_x/classifier.json"]
-
-
-def test_a_reader_never_sees_a_half_written_artifact(tmp_path):
-    """put_dir (how the worker stores a classifier) against a reader polling the same directory:
-    a visible artifact is always complete, and a replaced one never vanishes on the way (on Linux
-    the swap is one atomic exchange). A megabyte file makes each write take a while."""
-    storage = LocalStorage(tmp_path / "store")
-    source = tmp_path / "artifact"
-    source.mkdir()
-    weights = os.urandom(2**20)
-    (source / "model.safetensors").write_bytes(weights)
-    (source / "classifier.json").write_text('{"complete": true}')
-    root = tmp_path / "store" / "classifiers"
-    root.mkdir(parents=True)
-    writing, seen, torn, vanished, known = True, 0, [], [], set()
-
-    def read() -> None:
-        nonlocal seen
-        while writing:
-            names = {entry.name for entry in root.iterdir() if not entry.name.startswith(".")}  # "." = staging
-            vanished.extend(known - names)
-            known.update(names)
-            for name in names:
-                try:
-                    complete = ((root / name / "classifier.json").read_text() == '{"complete": true}'
-                                and (root / name / "model.safetensors").read_bytes() == weights)
-                except FileNotFoundError:  # nothing is ever deleted here: a missing file is a torn artifact
-                    complete = False
-                seen += 1
-                if not complete:
-                    torn.append(name)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        for i in range(30):
-            storage.put_dir(f"classifiers/clf_{i}", source)
-            storage.put_dir(f"classifiers/clf_{i}", source)  # a replacement is atomic too
-    finally:
-        writing = False
-        reader.join()
-    assert seen > 0 and torn == [] and vanished == []
-    assert sorted(p.name for p in root.iterdir()) == sorted(f"clf_{i}" for i in range(30))

@@ -8,18 +8,18 @@ import tempfile
 import zipfile
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Query, Request, UploadFile, status
+import anyio
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile, status
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from coft import Classifier as CoftClassifier
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.inference import prediction_items, read_images
+from app.api.inference import ServedClassifier, prediction_items, read_images
 from app.api.pagination import PageDep, newest_first
 from app.api.schemas import ClassifierOut, Page, PredictResponse
 from app.core import crud
 from app.core.models import Classifier
-from app.core.storage import classifier_dir
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
@@ -41,27 +41,36 @@ def get_classifier(classifier_id: str, session: SessionDep, tenant: TenantDep) -
 @router.delete("/{classifier_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_classifier(classifier_id: str, request: Request, session: SessionDep, tenant: TenantDep,
                       storage: StorageDep) -> None:
-    crud.delete_classifier(session, tenant.id, storage, classifier_id)
-    request.app.state.classifiers.discard(classifier_id)
+    artifact_key = crud.delete_classifier(session, tenant.id, storage, classifier_id)
+    request.app.state.classifiers.discard(artifact_key)
+
+
+def owned_artifact_key(classifier_id: str, session: SessionDep, tenant: TenantDep) -> str:
+    """The storage key of the caller's classifier (a sync dependency: the query runs off the event loop)."""
+    return get_owned_classifier(session, tenant, classifier_id).artifact_key
 
 
 @router.post("/{classifier_id}/predict", response_model=PredictResponse,
              responses={422: {"description": "an image could not be used (problem lists which and why)"}})
-def predict(classifier_id: str, images: Annotated[list[UploadFile], File(description="one or more images")],
-            request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep,
-            top_k: Annotated[int, Query(ge=1, le=100)] = 5) -> PredictResponse:
-    """Label each image (multipart field `images`, repeated): the label, its probability, the top k."""
-    get_owned_classifier(session, tenant, classifier_id)
-    session.close()  # inference can take a while; do not hold a pooled connection meanwhile
-    image_set = read_images(images, settings)
+async def predict(artifact_key: Annotated[str, Depends(owned_artifact_key)],
+                  images: Annotated[list[UploadFile], File(description="one or more images")],
+                  request: Request, settings: SettingsDep, storage: StorageDep,
+                  top_k: Annotated[int, Query(ge=1, le=100)] = 5) -> PredictResponse:
+    """Label each image (multipart field `images`, repeated): the label, its probability, the top k.
+    Concurrent requests for one classifier share forward passes (COFT_PREDICT_MAX_BATCH images,
+    waiting at most COFT_PREDICT_MAX_WAIT_MS for a batch to fill)."""
+    metrics = request.app.state.metrics
 
-    def load() -> CoftClassifier:
-        with storage.local_dir(classifier_dir(classifier_id)) as path:
-            return CoftClassifier.load(path, device=settings.device)
+    def load() -> ServedClassifier:
+        with storage.local_dir(artifact_key) as path:
+            classifier = CoftClassifier.load(path, device=settings.device)
+        return ServedClassifier.start(classifier, settings, name=artifact_key,
+                                      on_batch=metrics.forward_batch.labels("classifier").observe)
 
-    model = request.app.state.classifiers.get(classifier_id, load)
-    request.app.state.metrics.predict_batch.labels("classifier").observe(len(image_set))
-    return PredictResponse(predictions=prediction_items(images, model.predict(image_set), top_k))
+    image_set = await anyio.to_thread.run_sync(read_images, images, settings)
+    served = await anyio.to_thread.run_sync(request.app.state.classifiers.get, artifact_key, load)
+    metrics.predict_batch.labels("classifier").observe(len(image_set))
+    return PredictResponse(predictions=prediction_items(images, await served.predict(image_set), top_k))
 
 
 @router.get("/{classifier_id}/export", response_class=FileResponse,
@@ -70,10 +79,10 @@ def predict(classifier_id: str, images: Annotated[list[UploadFile], File(descrip
 def export(classifier_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
            format: Literal["tar.gz", "zip"] = "tar.gz") -> FileResponse:
     """Download the artifact: unpack it and run `coft predict --classifier <classifier_id> ...`."""
-    get_owned_classifier(session, tenant, classifier_id)
+    artifact_key = get_owned_classifier(session, tenant, classifier_id).artifact_key
     handle, archive_path = tempfile.mkstemp(suffix=f".{format}")
     os.close(handle)
-    with storage.local_dir(classifier_dir(classifier_id)) as source:
+    with storage.local_dir(artifact_key) as source:
         if format == "zip":
             with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
                 for path in sorted(source.rglob("*")):

@@ -1,33 +1,72 @@
-"""Datasets: an uploaded archive of images, validated once on upload by coft.data."""
+"""Datasets: archives of images, validated once by coft.data: in the upload request, or in the
+background for a large archive and for a dataset uploaded in parts (create, append, finalise)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Response, UploadFile, status
+from fastapi import APIRouter, BackgroundTasks, File, Response, UploadFile, status
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.pagination import PageDep, newest_first
-from app.api.schemas import DatasetOut, Page
+from app.api.schemas import DatasetOut, Page, UploadCreate
 from app.core import crud
-from app.core.models import Dataset
+from app.core.models import Dataset, DatasetStatus
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 _CHUNK = 1 << 20
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
-             responses={422: {"description": "unusable archive (problem type = coft.data error code)"},
-                        413: {"description": "upload larger than COFT_MAX_UPLOAD_BYTES"}})
+             responses={202: {"description": "stored; a large archive is validated in the background "
+                                             "(status `validating`: poll GET /v1/datasets/{id})",
+                              "model": DatasetOut},
+                        422: {"description": "unusable archive (problem type = coft.data error code)"},
+                        413: {"description": "upload larger than COFT_MAX_UPLOAD_BYTES, or over the tenant's quota"}})
 def create_dataset(file: Annotated[UploadFile, File(description="zip or tar(.gz) archive of images")],
                    session: SessionDep, tenant: TenantDep, storage: StorageDep, settings: SettingsDep,
-                   response: Response) -> Dataset:
+                   response: Response, background: BackgroundTasks) -> Dataset:
     """Upload an archive of images (multipart field `file`). Unusable files are listed with a reason;
     an archive with no usable image, or a hostile one (zip bomb, path traversal, links), is refused."""
     # Starlette has already spooled the upload to a temporary file; it goes into storage in chunks.
     dataset = crud.create_dataset(session, tenant.id, storage, settings, file.filename,
                                   iter(lambda: file.file.read(_CHUNK), b""))
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    if dataset.status == DatasetStatus.VALIDATING:
+        response.status_code = status.HTTP_202_ACCEPTED
+        background.add_task(crud.validate_dataset, settings, storage, dataset.id)
+    return dataset
+
+
+@router.post("/uploads", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             responses={413: {"description": "the tenant's quota is used up"}})
+def create_upload(body: UploadCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+                  response: Response) -> Dataset:
+    """Start a dataset too large for one request: append archives to it
+    (`POST /v1/datasets/{id}/parts`), then `POST /v1/datasets/{id}/finalize`."""
+    dataset = crud.create_upload(session, tenant.id, settings, body.filename)
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return dataset
+
+
+@router.post("/{dataset_id}/parts", response_model=DatasetOut,
+             responses={409: {"description": "the dataset was finalised"},
+                        413: {"description": "part larger than COFT_MAX_UPLOAD_BYTES, or over the tenant's quota"}})
+def append_part(dataset_id: str, file: Annotated[UploadFile, File(description="zip or tar(.gz) archive of images")],
+                session: SessionDep, tenant: TenantDep, storage: StorageDep, settings: SettingsDep) -> Dataset:
+    """Append one archive (multipart field `file`); paths repeated across parts count once."""
+    return crud.append_part(session, tenant.id, storage, settings, dataset_id,
+                            iter(lambda: file.file.read(_CHUNK), b""))
+
+
+@router.post("/{dataset_id}/finalize", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetOut,
+             responses={409: {"description": "the dataset was finalised already"}})
+def finalize_upload(dataset_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
+                    settings: SettingsDep, background: BackgroundTasks) -> Dataset:
+    """No more parts: every image is checked in the background (status `validating`, then `ready`, or
+    `failed` with the reason in `error`)."""
+    dataset = crud.finalize_upload(session, tenant.id, dataset_id)
+    background.add_task(crud.validate_dataset, settings, storage, dataset.id)
     return dataset
 
 
