@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 from tests.service.helpers import image_tar_gz, image_zip, wait_for
 from tests.service.test_jobs import job_body, wait_terminal
+
+pytestmark = pytest.mark.store  # the story on the S3 store too
 
 
 def wait_validated(api, dataset_id: str) -> dict:

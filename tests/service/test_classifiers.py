@@ -15,6 +15,8 @@ import pytest
 from tests.service.helpers import TINY_MODEL, image_zip, png
 from tests.service.test_jobs import job_body, upload, wait_terminal
 
+pytestmark = pytest.mark.store  # the story on the S3 store too
+
 _finished: dict[str, tuple[str, dict]] = {}
 
 

@@ -6,7 +6,11 @@ import io
 import socket
 import zipfile
 
+import pytest
+
 from tests.service.helpers import image_tar_gz, image_zip, png
+
+pytestmark = pytest.mark.store  # the story on the S3 store too
 
 PROBLEM = "application/problem+json"
 

@@ -25,6 +25,7 @@ def wait_terminal(api, job_id: str, timeout: float = 120) -> dict:
                     timeout, 0.1, f"job {job_id} to finish")
 
 
+@pytest.mark.store
 def test_coft_job_end_to_end(worker_stack, api):
     dataset_id = upload(api, image_zip(20))
     eval_id = upload(api, image_zip(6, folder=lambda i: ["cat", "dog"][i % 2]))
@@ -191,6 +192,7 @@ def test_failed_job_reports_error(worker_stack, api):
     assert done["error"]["code"] == "unknown-model" and "doomed" in done["error"]["message"]
 
 
+@pytest.mark.store
 def test_worker_death_requeues_and_resumes_from_checkpoints(worker_stack, api):
     """SIGKILL the process running a job: the sweeper notices the stale heartbeat, re-queues it,
     and the next attempt resumes from the stages already checkpointed, then succeeds."""
@@ -199,19 +201,20 @@ def test_worker_death_requeues_and_resumes_from_checkpoints(worker_stack, api):
 
     from app.core.db import session_scope
     from app.core.models import Job
+    from app.core.storage import get_storage, job_checkpoints
 
     dataset_id = upload(api, image_zip(20))
     job_id = api.post("/v1/jobs", json=job_body(dataset_id)).json()["id"]
     wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["stage"] == "phase1-model2", 120, 0.02, "phase1-model2")
-    checkpoints = worker_stack.settings.data_dir / "store" / "jobs" / job_id / "checkpoints"
-    assert (checkpoints / "phase1-model1.pt").exists()
+    storage, checkpoints = get_storage(worker_stack.settings), job_checkpoints(job_id)
+    assert storage.exists(f"{checkpoints}/phase1-model1.pt")
     with session_scope(worker_stack.database_url) as session:
         pid = int(session.get(Job, job_id).worker.rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)
     done = wait_terminal(api, job_id, timeout=120)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
-    assert not checkpoints.exists()  # cleaned up once the job is over
+    assert not storage.exists(checkpoints)  # cleaned up once the job is over
 
 
 def test_the_job_config_schema_is_the_method_config_in_openapi(stack, api):

@@ -62,7 +62,8 @@ def test_cancel_running_goes_through_cancelling(stack):
         assert request_cancel(session, job_id) == JobStatus.CANCELLING
         assert not heartbeat(session, job_id, 1)  # the worker learns it must stop
         classifier = Classifier(tenant_id=status(url, job_id).tenant_id, job_id=job_id, class_names=["a", "b"],
-                                method="coft", backbone_model="tiny", num_members=2, size_bytes=1)
+                                method="coft", backbone_model="tiny", num_members=2, size_bytes=1,
+                                artifact_key="classifiers/x/1")
         assert not succeed(session, job_id, 1, classifier, {})  # too late to succeed
         assert mark_cancelled(session, job_id, 1)
     job = status(url, job_id)
@@ -76,7 +77,8 @@ def test_succeed_and_fail_are_terminal(stack):
         claim(session, ok, "w1")
         tenant_id = status(url, ok).tenant_id
         assert succeed(session, ok, 1, Classifier(tenant_id=tenant_id, job_id=ok, class_names=["a", "b"],
-                                                  method="coft", backbone_model="tiny", num_members=2, size_bytes=1),
+                                                  method="coft", backbone_model="tiny", num_members=2, size_bytes=1,
+                                                  artifact_key="classifiers/x/1"),
                        {"agreement": 0.9})
         assert request_cancel(session, ok) == JobStatus.SUCCEEDED
         claim(session, bad, "w1")
