@@ -34,6 +34,7 @@ from coft.config import DEFAULT_TEMPLATE
 from coft.openclip import build_vision_tower, image_embedding
 from coft.image_cache import ImageSource
 from coft.loader import map_batches
+from coft.progress import ProgressCallback, ProgressTracker
 from coft.training import in_order
 
 if TYPE_CHECKING:
@@ -144,17 +145,29 @@ class Classifier(nn.Module):
         with autocast(self.device):
             return self(pixels.to(self.device, non_blocking=True)).float().cpu()
 
-    def predict(self, images: Sequence[Image.Image] | ImageSource, batch_size: int = 64) -> Predictions:
+    def predict(self, images: Sequence[Image.Image] | ImageSource, batch_size: int = 64,
+                progress: ProgressCallback | None = None) -> Predictions:
         """Class probabilities of PIL images (this artifact's own test-time transform), or of an
-        ImageSource's test-time views (a run's decoded-image cache)."""
+        ImageSource's test-time views (a run's decoded-image cache). `progress` hears of every batch
+        (stage "predict", with an ETA): a large set is a job of its own."""
         if len(images) == 0:
             return Predictions(self.class_names, torch.empty(0, len(self.class_names)))
+        report = ProgressTracker(progress, {"predict": 1.0}).reporter("predict")
+        done = 0
+
+        def counted(count: int) -> None:
+            nonlocal done
+            done += count
+            report(done / len(images))
+
         if isinstance(images, ImageSource):
-            batches = [self.probabilities(images.test_view(positions))
-                       for positions in in_order(len(images), batch_size)]
+            batches = []
+            for positions in in_order(len(images), batch_size):
+                batches.append(self.probabilities(images.test_view(positions)))
+                counted(len(positions))
             return Predictions(self.class_names, torch.cat(batches))
         return Predictions(self.class_names, map_batches(self.probabilities, images, self.transform(), batch_size,
-                                                         self.device))
+                                                         self.device, on_batch=counted))
 
     def member(self, index: int) -> "Classifier":
         """A classifier of one member alone: half the cost of the ensemble."""

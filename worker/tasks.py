@@ -26,13 +26,14 @@ from app.core import backbones
 from app.core.db import session_scope
 from app.core.errors import ServiceError
 from app.core.jobs import claim, fail, heartbeat, mark_cancelled, status_of, succeed
-from app.core.crud import dataset_images
+from app.core.crud import PREDICT_METHOD, dataset_images
 from app.core.models import Classifier, Dataset, Job, JobStatus, new_id
 from app.core.queue import TASK_NAME
 from app.core.settings import Settings, get_settings
 from app.core.storage import (classifier_dir, dataset_archive, get_storage, job_checkpoints, job_predictions,
                               new_artifact_key)
 # Importing adapt here, in the parent, loads torch and the method: each forked job process starts fast.
+from coft import Classifier as LoadedClassifier
 from coft import CoFTConfig, DataError, LabelledImages, LLMEndpoint, Progress, adapt, open_labelled_images
 from worker.celery_app import celery_app
 
@@ -125,6 +126,8 @@ class JobRun:
             dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
         if dataset is None:
             raise JobFailure("dataset-deleted", "the job's dataset was deleted")
+        if job.method == PREDICT_METHOD:
+            return self._predict_dataset(job, dataset)
         try:
             model, pretrained = backbones.resolve(self.settings, job.backbone_model, job.backbone_pretrained)
         except ServiceError as error:
@@ -169,6 +172,29 @@ class JobRun:
             self.storage.delete(job_predictions(self.job_id))
             raise Stopped()
         log.info("job succeeded", extra={"job_id": self.job_id, "classifier_id": classifier_id})
+
+    def _predict_dataset(self, job: Job, dataset: Dataset) -> None:
+        """A prediction job: the classifier it names, over every image of its dataset."""
+        with session_scope(self.db) as session:
+            row = session.get(Classifier, job.classifier_id) if job.classifier_id else None
+        if row is None:
+            raise JobFailure("classifier-deleted", "the job's classifier was deleted")
+        with self.storage.local_dir(row.artifact_key) as path:
+            model = LoadedClassifier.load(path, device=self.settings.device)
+        with dataset_images(self.storage, dataset, self.settings.data_limits(), verify=False) as opened:
+            images = opened
+        predictions = model.predict(images, batch_size=self.settings.predict_max_batch, progress=self._progress)
+        rows = [{"name": name, "label": label, "probability": probability,
+                 "top_k": [{"label": other, "probability": p} for other, p in ranked]}
+                for name, label, probability, ranked in zip(images.names, predictions.labels, predictions.confidences,
+                                                            predictions.top_k(job.config.get("top_k", 5)))]
+        self.storage.write(job_predictions(self.job_id), [json.dumps(rows).encode()])
+        with session_scope(self.db) as session:
+            succeeded = succeed(session, self.job_id, self.attempt, None, {"images": len(rows)})
+        if not succeeded:  # cancelled (or taken over) while the result was being written
+            self.storage.delete(job_predictions(self.job_id))
+            raise Stopped()
+        log.info("prediction job succeeded", extra={"job_id": self.job_id, "images": len(rows)})
 
     # -- progress, heartbeat, cancellation ------------------------------------------------------
 

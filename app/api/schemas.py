@@ -153,6 +153,12 @@ class JobOut(BaseModel):
         return {} if value is None else value
 
 
+class PredictionJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset_id: str = Field(max_length=40, description="a ready dataset of this tenant")
+    top_k: int = Field(5, ge=1, le=100, description="labels kept per image, most probable first")
+
+
 class ClassifierOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -190,6 +196,7 @@ class DatasetPrediction(BaseModel):
     name: str = Field(description="the image's path inside the dataset archive")
     label: str
     probability: float
+    top_k: list[LabelProbability] | None = Field(None, description="prediction jobs: the most probable labels")
 
 
 class ModelOut(BaseModel):

@@ -5,7 +5,9 @@ another tenant's id exactly like an unknown one (NotFound).
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -278,6 +280,11 @@ def create_job(session: Session, tenant_id: str, request: JobRequest, *, setting
         if replay is None:
             raise
         return replay, True
+    _enqueue(session, celery, job)
+    return job, False
+
+
+def _enqueue(session: Session, celery: Celery | None, job: Job) -> None:
     # Committed before it is enqueued: the worker must find the row the message points to.
     try:
         enqueue_job(celery, job.id)
@@ -286,8 +293,25 @@ def create_job(session: Session, tenant_id: str, request: JobRequest, *, setting
         fail_unqueued(session, job.id, "queue-unavailable", "the job could not be enqueued")
         raise Unavailable("queue-unavailable", "the job queue is unavailable; try again later",
                           "Service unavailable") from None
-    log.info("job created", extra={"job_id": job.id, "tenant_id": tenant_id, "method": job.method})
-    return job, False
+    log.info("job created", extra={"job_id": job.id, "tenant_id": job.tenant_id, "method": job.method})
+
+
+PREDICT_METHOD = "predict"  # a job that labels a stored dataset with an existing classifier
+
+
+def create_prediction_job(session: Session, tenant_id: str, classifier_id: str, dataset_id: str, top_k: int,
+                          celery: Celery | None) -> Job:
+    """A QUEUED job that runs the classifier over a whole dataset, too large for predict requests;
+    its predictions are read like any job's (`read_job_predictions`, `job_predictions_rows`)."""
+    classifier = owned(session, tenant_id, Classifier, classifier_id, "classifier")
+    dataset = ready_dataset(session, tenant_id, dataset_id)
+    job = Job(tenant_id=tenant_id, dataset_id=dataset.id, class_names=classifier.class_names, method=PREDICT_METHOD,
+              backbone_model=classifier.backbone_model, backbone_pretrained=classifier.backbone_pretrained,
+              config={"top_k": top_k}, classifier_id=classifier.id)
+    session.add(job)
+    session.commit()
+    _enqueue(session, celery, job)
+    return job
 
 
 def _replay(session: Session, tenant_id: str, key: str, request_hash: str) -> Job | None:
@@ -332,12 +356,30 @@ def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job
         return json.load(handle)
 
 
+def job_predictions_rows(predictions: list[dict], format: str) -> Iterator[bytes]:
+    """The predictions as a file: CSV (path,label,probability) or JSON Lines (one object per image)."""
+    if format == "csv":
+        yield b"path,label,probability\n"
+        for row in predictions:
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerow([row["name"], row["label"], f"{row['probability']:.6f}"])
+            yield buffer.getvalue().encode()
+    else:
+        for row in predictions:
+            yield (json.dumps(row) + "\n").encode()
+
+
 # --------------------------------------------------------------------------- classifiers
 
 
 def delete_classifier(session: Session, tenant_id: str, storage: Storage, classifier_id: str) -> str:
     """Delete a classifier's row, then every version of its artifact; returns the key it was served from."""
     row = owned(session, tenant_id, Classifier, classifier_id, "classifier")
+    active = session.scalars(select(Job.id).where(Job.classifier_id == classifier_id, Job.method == PREDICT_METHOD,
+                                                  Job.status.in_([s for s in JobStatus if s.active]))).all()
+    if active:
+        raise Conflict("classifier-in-use", f"prediction jobs {', '.join(active)} use this classifier; cancel "
+                       "them or wait", "Classifier in use", jobs=list(active))
     artifact_key = row.artifact_key
     session.execute(update(Job).where(Job.classifier_id == classifier_id).values(classifier_id=None))
     session.delete(row)

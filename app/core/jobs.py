@@ -82,17 +82,20 @@ def heartbeat(session: Session, job_id: str, attempt: int, **progress: Any) -> b
                        heartbeat_at=utcnow(), **progress)
 
 
-def succeed(session: Session, job_id: str, attempt: int, classifier: Classifier, metrics: dict) -> bool:
-    """RUNNING -> SUCCEEDED together with the classifier row, in one transaction; False if the job
-    was cancelled (or taken over) meanwhile, in which case nothing is written."""
+def succeed(session: Session, job_id: str, attempt: int, classifier: Classifier | None, metrics: dict) -> bool:
+    """RUNNING -> SUCCEEDED together with the classifier row it made (none for a prediction job), in
+    one transaction; False if the job was cancelled (or taken over) meanwhile: then nothing is written."""
     job = session.get(Job, job_id)
     now = utcnow()
-    session.add(classifier)
-    session.flush()
+    made = {}
+    if classifier is not None:
+        session.add(classifier)
+        session.flush()
+        made = {"classifier_id": classifier.id}
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
-        .values(status=JobStatus.SUCCEEDED, classifier_id=classifier.id, metrics=metrics, progress=1.0, eta_s=0.0,
-                heartbeat_at=now, updated_at=now, **_finished(job.started_at, now))
+        .values(status=JobStatus.SUCCEEDED, metrics=metrics, progress=1.0, eta_s=0.0,
+                heartbeat_at=now, updated_at=now, **made, **_finished(job.started_at, now))
         .execution_options(synchronize_session=False))
     if result.rowcount != 1:
         session.rollback()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -179,3 +180,48 @@ def test_zero_shot_predict(stack, api):
         assert response.status_code == 422 and response.json()["type"].endswith(slug), response.text
     assert api.post("/v1/zero-shot/predict", data=form).status_code == 422  # no images
     assert stack.client().post("/v1/zero-shot/predict", data=form, files=images(1)).status_code == 401
+
+
+def test_a_prediction_job_labels_a_stored_dataset_and_exports_it(adapted):
+    api, job = adapted
+    classifier_id = job["classifier_id"]
+    dataset_id = api.post("/v1/datasets", files={"file": ("new.zip", image_zip(12))}).json()["id"]
+    created = api.post(f"/v1/classifiers/{classifier_id}/predictions", json={"dataset_id": dataset_id, "top_k": 2})
+    assert created.status_code == 202, created.text
+    assert created.headers["location"] == f"/v1/jobs/{created.json()['id']}"
+    assert created.json()["method"] == "predict" and created.json()["classifier_id"] == classifier_id
+    done = wait_terminal(api, created.json()["id"])
+    assert done["status"] == "succeeded" and done["progress"] == 1.0 and done["metrics"]["images"] == 12, done
+
+    page = api.get(f"/v1/jobs/{done['id']}/predictions", params={"limit": 5, "offset": 10}).json()
+    assert page["total"] == 12 and [p["name"] for p in page["items"]] == ["img010.png", "img011.png"]
+    first = api.get(f"/v1/jobs/{done['id']}/predictions", params={"limit": 1}).json()["items"][0]
+    assert len(first["top_k"]) == 2 and first["top_k"][0] == {"label": first["label"], "probability": first["probability"]}
+    alone = api.post(f"/v1/classifiers/{classifier_id}/predict", files=[("images", ("a.png", png(0)))]).json()
+    assert alone["predictions"][0]["label"] == first["label"]  # img000.png is png(0): the same answer
+    assert abs(alone["predictions"][0]["probability"] - first["probability"]) < 1e-4
+
+    csv_file = api.get(f"/v1/jobs/{done['id']}/predictions/export", params={"format": "csv"})
+    assert csv_file.headers["content-type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(csv_file.text)))
+    assert rows[0] == ["path", "label", "probability"] and len(rows) == 13 and rows[1][:2] == ["img000.png", first["label"]]
+    lines = api.get(f"/v1/jobs/{done['id']}/predictions/export", params={"format": "jsonl"}).text.splitlines()
+    assert len(lines) == 12 and json.loads(lines[0]) == first
+    assert api.get(f"/v1/jobs/{done['id']}/predictions/export", params={"format": "xml"}).status_code == 422
+
+
+def test_a_prediction_job_needs_a_ready_dataset_and_its_classifier_waits_for_it(worker_stack, api):
+    dataset_id = api.post("/v1/datasets", files={"file": ("a.zip", image_zip(4))}).json()["id"]
+    made = wait_terminal(api, api.post("/v1/jobs", json={**job_body(dataset_id), "method": "zero-shot"}).json()["id"])
+    classifier_id = made["classifier_id"]
+    upload_id = api.post("/v1/datasets/uploads", json={}).json()["id"]
+    problem = api.post(f"/v1/classifiers/{classifier_id}/predictions", json={"dataset_id": upload_id}).json()
+    assert problem["type"].endswith("/dataset-not-ready")
+    assert api.post(f"/v1/classifiers/{classifier_id}/predictions", json={"dataset_id": "ds_nope"}).status_code == 404
+    assert api.post("/v1/classifiers/clf_nope/predictions", json={"dataset_id": dataset_id}).status_code == 404
+    worker_stack.stop_worker()  # the job stays queued
+    queued = api.post(f"/v1/classifiers/{classifier_id}/predictions", json={"dataset_id": dataset_id}).json()
+    refused = api.delete(f"/v1/classifiers/{classifier_id}")
+    assert refused.status_code == 409 and refused.json()["jobs"] == [queued["id"]]
+    assert api.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
+    assert api.delete(f"/v1/classifiers/{classifier_id}").status_code == 204

@@ -34,13 +34,15 @@ def fill(path: str, ids: dict[str, str]) -> str:
 
 
 def send(client: httpx.Client, method: str, path: str) -> httpx.Response:
-    """A plausible request: predict routes get an image and parts an archive, so only authorisation
-    can refuse them."""
+    """A plausible request: predict routes get an image, parts an archive, prediction jobs a body, so
+    only authorisation can refuse them."""
     if path.endswith("/predict"):
         return client.request(method, path, files=[("images", ("x.png", png(1)))],
                               data={"class_names": ["a", "b"], "model": TINY_MODEL})
     if path.endswith("/parts"):
         return client.request(method, path, files={"file": ("part.zip", image_zip(1))})
+    if method == "POST" and path.endswith("/predictions"):
+        return client.request(method, path, json={"dataset_id": "ds_x"})
     return client.request(method, path)
 
 

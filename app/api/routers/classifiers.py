@@ -9,7 +9,7 @@ import zipfile
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
@@ -17,7 +17,7 @@ from coft import Classifier as CoftClassifier
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.inference import ServedClassifier, prediction_items, read_images
 from app.api.pagination import PageDep, newest_first
-from app.api.schemas import ClassifierOut, Page, PredictResponse
+from app.api.schemas import ClassifierOut, JobOut, Page, PredictionJobCreate, PredictResponse
 from app.core import crud
 from app.core.models import Classifier
 
@@ -71,6 +71,20 @@ async def predict(artifact_key: Annotated[str, Depends(owned_artifact_key)],
     served = await anyio.to_thread.run_sync(request.app.state.classifiers.get, artifact_key, load)
     metrics.predict_batch.labels("classifier").observe(len(image_set))
     return PredictResponse(predictions=prediction_items(images, await served.predict(image_set), top_k))
+
+
+@router.post("/{classifier_id}/predictions", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses={404: {"description": "classifier or dataset not found"},
+                        409: {"description": "the dataset is not ready"}})
+def predict_dataset(classifier_id: str, body: PredictionJobCreate, request: Request, response: Response,
+                    session: SessionDep, tenant: TenantDep) -> JobOut:
+    """Label every image of a stored dataset, as a job (progress, ETA, cancel) for sets too large for
+    predict requests. Read the result with `GET /v1/jobs/{id}/predictions` (pages) or
+    `GET /v1/jobs/{id}/predictions/export?format=csv|jsonl` (the whole file)."""
+    job = crud.create_prediction_job(session, tenant.id, classifier_id, body.dataset_id, body.top_k,
+                                     request.app.state.celery)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.model_validate(job)
 
 
 @router.get("/{classifier_id}/export", response_class=FileResponse,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.pagination import PageDep, newest_first
@@ -62,3 +63,16 @@ def job_predictions(job_id: str, session: SessionDep, tenant: TenantDep, storage
     predictions = crud.read_job_predictions(session, tenant.id, storage, job_id)
     return {"items": predictions[page.offset:page.offset + page.limit], "total": len(predictions),
             "limit": page.limit, "offset": page.offset}
+
+
+@router.get("/{job_id}/predictions/export", response_class=StreamingResponse,
+            responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}},
+                             "description": "every prediction: CSV `path,label,probability`, or one JSON object per line"},
+                       409: {"description": "the job has not succeeded"}})
+def export_job_predictions(job_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
+                           format: Literal["csv", "jsonl"] = "csv") -> StreamingResponse:
+    """All of the job's predictions as one file (what a prediction job is for)."""
+    predictions = crud.read_job_predictions(session, tenant.id, storage, job_id)
+    media_type = "text/csv" if format == "csv" else "application/x-ndjson"
+    return StreamingResponse(crud.job_predictions_rows(predictions, format), media_type=media_type,
+                             headers={"Content-Disposition": f'attachment; filename="{job_id}-predictions.{format}"'})
