@@ -18,7 +18,7 @@ from app.core.logs import configure_logging
 from app.api.metrics import LatencyMiddleware, Metrics
 from app.core.queue import make_celery
 from app.api.inference import LRUCache
-from app.api.routers import classifiers, datasets, health, jobs, models, zero_shot
+from app.api.routers import aliases, classifiers, datasets, health, jobs, models, zero_shot
 from app.core.settings import Settings, get_settings
 from app.core.storage import get_storage
 
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(classifiers.router)
+    app.include_router(aliases.router)
     app.include_router(zero_shot.router)
     app.include_router(models.router)
     document_problems(app, gated=lambda method, path: bucket_for(method, path) is not None)

@@ -159,6 +159,18 @@ class PredictionJobCreate(BaseModel):
     top_k: int = Field(5, ge=1, le=100, description="labels kept per image, most probable first")
 
 
+class AliasSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    classifier_id: str = Field(max_length=64, description="the classifier the alias names from now on (or another alias)")
+
+
+class AliasOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    name: str
+    classifier_id: str
+    updated_at: datetime
+
+
 class ClassifierOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -25,7 +25,7 @@ from app.core import backbones
 from app.core.db import session_scope
 from app.core.errors import Conflict, Invalid, OverQuota, Unavailable, not_found
 from app.core.jobs import fail_unqueued, request_cancel
-from app.core.models import Classifier, Dataset, DatasetStatus, Job, JobStatus, new_id
+from app.core.models import Classifier, ClassifierAlias, Dataset, DatasetStatus, Job, JobStatus, new_id, utcnow
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.core.storage import (Storage, classifier_dir, dataset_archive, dataset_dir, dataset_parts,
@@ -303,7 +303,7 @@ def create_prediction_job(session: Session, tenant_id: str, classifier_id: str, 
                           celery: Celery | None) -> Job:
     """A QUEUED job that runs the classifier over a whole dataset, too large for predict requests;
     its predictions are read like any job's (`read_job_predictions`, `job_predictions_rows`)."""
-    classifier = owned(session, tenant_id, Classifier, classifier_id, "classifier")
+    classifier = classifier_by_id_or_alias(session, tenant_id, classifier_id)
     dataset = ready_dataset(session, tenant_id, dataset_id)
     job = Job(tenant_id=tenant_id, dataset_id=dataset.id, class_names=classifier.class_names, method=PREDICT_METHOD,
               backbone_model=classifier.backbone_model, backbone_pretrained=classifier.backbone_pretrained,
@@ -372,9 +372,61 @@ def job_predictions_rows(predictions: list[dict], format: str) -> Iterator[bytes
 # --------------------------------------------------------------------------- classifiers
 
 
+ALIAS_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # and not `clf_...`: an alias never shadows an id
+
+
+def classifier_by_id_or_alias(session: Session, tenant_id: str, reference: str) -> Classifier:
+    """A tenant's classifier by id (`clf_...`) or by one of its aliases (`production`)."""
+    if not reference.startswith("clf_"):
+        alias = session.get(ClassifierAlias, (tenant_id, reference))
+        if alias is not None:
+            return owned(session, tenant_id, Classifier, alias.classifier_id, "classifier")
+    return owned(session, tenant_id, Classifier, reference, "classifier")
+
+
+def set_alias(session: Session, tenant_id: str, name: str, classifier_id: str) -> ClassifierAlias:
+    """Point `name` at a classifier (creating it, or moving it in one update)."""
+    if name.startswith("clf_"):
+        raise Invalid("invalid-alias", "an alias cannot start with `clf_`: that is how classifier ids start")
+    target = classifier_by_id_or_alias(session, tenant_id, classifier_id)
+    alias = session.get(ClassifierAlias, (tenant_id, name))
+    if alias is None:
+        alias = ClassifierAlias(tenant_id=tenant_id, name=name, classifier_id=target.id)
+        session.add(alias)
+    else:
+        alias.classifier_id, alias.updated_at = target.id, utcnow()
+    try:
+        session.commit()
+    except IntegrityError:  # created concurrently by another request: move that one instead
+        session.rollback()
+        return set_alias(session, tenant_id, name, classifier_id)
+    return alias
+
+
+def list_aliases(session: Session, tenant_id: str) -> list[ClassifierAlias]:
+    return list(session.scalars(select(ClassifierAlias).where(ClassifierAlias.tenant_id == tenant_id)
+                                .order_by(ClassifierAlias.name)))
+
+
+def get_alias(session: Session, tenant_id: str, name: str) -> ClassifierAlias:
+    alias = session.get(ClassifierAlias, (tenant_id, name))
+    if alias is None:
+        raise not_found("alias", name)
+    return alias
+
+
+def delete_alias(session: Session, tenant_id: str, name: str) -> None:
+    session.delete(get_alias(session, tenant_id, name))
+    session.commit()
+
+
 def delete_classifier(session: Session, tenant_id: str, storage: Storage, classifier_id: str) -> str:
     """Delete a classifier's row, then every version of its artifact; returns the key it was served from."""
     row = owned(session, tenant_id, Classifier, classifier_id, "classifier")
+    aliases = session.scalars(select(ClassifierAlias.name).where(ClassifierAlias.classifier_id == row.id)).all()
+    if aliases:
+        raise Conflict("classifier-aliased", f"aliases {', '.join(aliases)} name this classifier; move or delete "
+                       "them first", "Classifier has aliases", aliases=list(aliases))
     active = session.scalars(select(Job.id).where(Job.classifier_id == classifier_id, Job.method == PREDICT_METHOD,
                                                   Job.status.in_([s for s in JobStatus if s.active]))).all()
     if active:

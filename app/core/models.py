@@ -164,3 +164,13 @@ class Classifier(_NamesABackbone, Base):
     # The artifact's storage key: written once, before the row names it (app.core.storage.put_dir).
     artifact_key: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ClassifierAlias(Base):
+    """A tenant's name for one of its classifiers (`production`), usable wherever a classifier id is;
+    moved to another classifier in one update, so every request sees the old one or the new one."""
+    __tablename__ = "classifier_aliases"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    classifier_id: Mapped[str] = mapped_column(ForeignKey("classifiers.id"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -33,7 +33,7 @@ def fill(path: str, ids: dict[str, str]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: ids[m.group(1)], path)
 
 
-def send(client: httpx.Client, method: str, path: str) -> httpx.Response:
+def send(client: httpx.Client, method: str, path: str, classifier_id: str = "clf_x") -> httpx.Response:
     """A plausible request: predict routes get an image, parts an archive, prediction jobs a body, so
     only authorisation can refuse them."""
     if path.endswith("/predict"):
@@ -43,6 +43,8 @@ def send(client: httpx.Client, method: str, path: str) -> httpx.Response:
         return client.request(method, path, files={"file": ("part.zip", image_zip(1))})
     if method == "POST" and path.endswith("/predictions"):
         return client.request(method, path, json={"dataset_id": "ds_x"})
+    if method == "PUT" and path.startswith("/v1/aliases/"):
+        return client.request(method, path, json={"classifier_id": classifier_id})
     return client.request(method, path)
 
 
@@ -50,7 +52,7 @@ def test_every_route_needs_a_valid_key(stack):
     anonymous, wrong = stack.client(), stack.client("coft_" + "0" * 40)
     operations = v1_operations(anonymous)
     assert len(operations) >= 14
-    ids = {"dataset_id": "ds_x", "job_id": "job_x", "classifier_id": "clf_x"}
+    ids = {"dataset_id": "ds_x", "job_id": "job_x", "classifier_id": "clf_x", "alias_name": "production"}
     for client in (anonymous, wrong):
         for method, path in operations:
             response = send(client, method, fill(path, ids))
@@ -70,7 +72,9 @@ def owned(stacks):
     dataset_id = upload(api, image_zip(4))
     job = wait_terminal(api, api.post("/v1/jobs", json=job_body(dataset_id, method="zero-shot")).json()["id"])
     assert job["status"] == "succeeded", job
-    return stack, key, {"dataset_id": dataset_id, "job_id": job["id"], "classifier_id": job["classifier_id"]}
+    assert api.put("/v1/aliases/production", json={"classifier_id": job["classifier_id"]}).status_code == 200
+    return stack, key, {"dataset_id": dataset_id, "job_id": job["id"], "classifier_id": job["classifier_id"],
+                        "alias_name": "production"}
 
 
 def test_another_tenants_ids_are_404_on_every_route(owned):
@@ -80,8 +84,10 @@ def test_another_tenants_ids_are_404_on_every_route(owned):
     with_ids = [(m, p) for m, p in operations if "{" in p]
     assert {re.search(r"\{(\w+)\}", p).group(1) for _, p in with_ids} == ids.keys()
     for method, path in with_ids:
-        response = send(intruder, method, fill(path, ids))
-        kind = re.search(r"\{(\w+)_id\}", path).group(1)
+        response = send(intruder, method, fill(path, ids), classifier_id=ids["classifier_id"])
+        kind = re.search(r"\{(\w+?)_(?:id|name)\}", path).group(1)
+        if method == "PUT":  # pointing an alias of one's own at another tenant's classifier
+            kind = "classifier"
         assert response.status_code == 404, (method, path, response.text)
         assert response.json()["type"] == f"https://coft.dev/problems/{kind}-not-found", (method, path)
     # Ids in request bodies too: a job cannot be started on another tenant's dataset or eval set.
@@ -93,6 +99,8 @@ def test_another_tenants_ids_are_404_on_every_route(owned):
         assert [item["id"] for item in intruder.get(listing).json()["items"]] in ([], [mine])
     owner = stack.client(key)  # and nothing the intruder tried changed anything
     assert owner.get(f"/v1/datasets/{ids['dataset_id']}").status_code == 200
+    assert owner.get("/v1/aliases/production").json()["classifier_id"] == ids["classifier_id"]
+    assert intruder.get("/v1/aliases").json() == []
     assert owner.get(f"/v1/classifiers/{ids['classifier_id']}").status_code == 200
     assert owner.get(f"/v1/jobs/{ids['job_id']}").json()["status"] == "succeeded"
 

@@ -25,7 +25,8 @@ router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
 
 def get_owned_classifier(session, tenant, classifier_id: str) -> Classifier:
-    return crud.owned(session, tenant.id, Classifier, classifier_id, "classifier")
+    """By id or by alias (`PUT /v1/aliases/{name}`): every route but delete takes either."""
+    return crud.classifier_by_id_or_alias(session, tenant.id, classifier_id)
 
 
 @router.get("", response_model=Page[ClassifierOut])
@@ -93,7 +94,8 @@ def predict_dataset(classifier_id: str, body: PredictionJobCreate, request: Requ
 def export(classifier_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
            format: Literal["tar.gz", "zip"] = "tar.gz") -> FileResponse:
     """Download the artifact: unpack it and run `coft predict --classifier <classifier_id> ...`."""
-    artifact_key = get_owned_classifier(session, tenant, classifier_id).artifact_key
+    row = get_owned_classifier(session, tenant, classifier_id)
+    artifact_key, classifier_id = row.artifact_key, row.id  # an alias exports the classifier under its id
     handle, archive_path = tempfile.mkstemp(suffix=f".{format}")
     os.close(handle)
     with storage.local_dir(artifact_key) as source:
