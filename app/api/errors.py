@@ -115,7 +115,7 @@ PROBLEM_SCHEMA = {
 }
 
 
-def document_problems(app: FastAPI, gated: Callable[[str, str], bool]) -> None:
+def document_problems(app: FastAPI, gated: Callable[[str, str], bool], schemas: dict | None = None) -> None:
     """Make the OpenAPI document say what the API really answers on errors: every 4xx/5xx is
     problem+json (FastAPI would document its own 422 body, which we never send); /v1 routes can
     answer 401; file routes (`gated`) can answer 413 and 429."""
@@ -127,6 +127,7 @@ def document_problems(app: FastAPI, gated: Callable[[str, str], bool]) -> None:
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
         components["Problem"] = PROBLEM_SCHEMA
+        components.update(schemas or {})  # bodies routes read themselves (openapi_extra)
         for path, item in schema["paths"].items():
             for method, operation in item.items():
                 responses = operation.setdefault("responses", {})

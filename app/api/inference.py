@@ -98,23 +98,29 @@ def read_images(files: list[UploadFile], settings: Settings) -> ImageSet:
     are the dataset ones (COFT_MAX_IMAGE_PIXELS, COFT_MAX_IMAGE_BYTES)."""
     if not files:
         raise Problem(422, "no-usable-images", "send one or more images in the multipart field `images`")
-    if len(files) > settings.max_predict_images:
+    limit = settings.data_limits().max_file_bytes
+    return decode_images([(upload.filename or f"image-{i}", upload.file.read(limit + 1))
+                          for i, upload in enumerate(files)], settings)
+
+
+def decode_images(named: list[tuple[str, bytes]], settings: Settings) -> ImageSet:
+    """(name, encoded bytes) of each image, decoded in order, or a 422 problem naming every unusable one."""
+    if len(named) > settings.max_predict_images:
         raise Problem(422, "too-many-images",
-                      f"at most {settings.max_predict_images} images per request, got {len(files)}")
+                      f"at most {settings.max_predict_images} images per request, got {len(named)}")
     limits = settings.data_limits()
     decoded, rejected = [], []
-    for upload in files:
-        data = upload.file.read(limits.max_file_bytes + 1)
+    for name, data in named:
         try:
             if len(data) > limits.max_file_bytes:
                 raise DataError("unusable-image", f"file too large (over {limits.max_file_bytes} bytes)")
             decoded.append(decode_image(data, limits=limits))
         except DataError as error:
-            rejected.append({"filename": upload.filename, "reason": error.message})
+            rejected.append({"filename": name, "reason": error.message})
     if rejected:
         raise Problem(422, "unusable-image", "; ".join(f"{r['filename']}: {r['reason']}" for r in rejected),
                       "Unusable image", rejected=rejected)
-    return ImageSet.from_images(decoded, [upload.filename or f"image-{i}" for i, upload in enumerate(files)])
+    return ImageSet.from_images(decoded, [name for name, _ in named])
 
 
 def prediction_items(files: list[UploadFile], predictions: Predictions, top_k: int) -> list[ImagePrediction]:

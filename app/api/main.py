@@ -13,6 +13,7 @@ from app.core import crud
 from app.core.auth import ensure_key
 from app.core.db import session_scope
 from app.api.errors import BodySizeLimit, document_problems, install_error_handlers
+from app.api import huggingface
 from app.api.gate import FileRouteGate, RateLimits, bucket_for
 from app.core.logs import configure_logging
 from app.api.metrics import LatencyMiddleware, Metrics
@@ -75,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(aliases.router)
     app.include_router(zero_shot.router)
     app.include_router(models.router)
-    document_problems(app, gated=lambda method, path: bucket_for(method, path) is not None)
+    document_problems(app, gated=lambda method, path: bucket_for(method, path) is not None,
+                      schemas=huggingface.component_schemas())
     return app
 
 

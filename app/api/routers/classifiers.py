@@ -10,12 +10,13 @@ from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
 from coft import Classifier as CoftClassifier
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.inference import ServedClassifier, prediction_items, read_images
+from app.api import huggingface
+from app.api.inference import ServedClassifier, decode_images, prediction_items, read_images
 from app.api.pagination import PageDep, newest_first
 from app.api.schemas import ClassifierOut, JobOut, Page, PredictionJobCreate, PredictResponse
 from app.core import crud
@@ -52,12 +53,15 @@ def owned_artifact_key(classifier_id: str, session: SessionDep, tenant: TenantDe
 
 
 @router.post("/{classifier_id}/predict", response_model=PredictResponse,
-             responses={422: {"description": "an image could not be used (problem lists which and why)"}})
-async def predict(artifact_key: Annotated[str, Depends(owned_artifact_key)],
-                  images: Annotated[list[UploadFile], File(description="one or more images")],
-                  request: Request, settings: SettingsDep, storage: StorageDep,
-                  top_k: Annotated[int, Query(ge=1, le=100)] = 5) -> PredictResponse:
+             responses={422: {"description": "an image could not be used (problem lists which and why)"}},
+             openapi_extra=huggingface.openapi_extra("PredictResponse"))
+async def predict(artifact_key: Annotated[str, Depends(owned_artifact_key)], request: Request,
+                  settings: SettingsDep, storage: StorageDep,
+                  images: Annotated[list[UploadFile] | None, File(description="one or more images")] = None,
+                  top_k: Annotated[int, Query(ge=1, le=100)] = 5):
     """Label each image (multipart field `images`, repeated): the label, its probability, the top k.
+    Or the Hugging Face inference JSON payload (`inputs` base64; optional `parameters.candidate_labels`,
+    some of the classes, and `parameters.top_k`), answered as `[{label, score}]`.
     Concurrent requests for one classifier share forward passes (COFT_PREDICT_MAX_BATCH images,
     waiting at most COFT_PREDICT_MAX_WAIT_MS for a batch to fill)."""
     metrics = request.app.state.metrics
@@ -68,10 +72,17 @@ async def predict(artifact_key: Annotated[str, Depends(owned_artifact_key)],
         return ServedClassifier.start(classifier, settings, name=artifact_key,
                                       on_batch=metrics.forward_batch.labels("classifier").observe)
 
-    image_set = await anyio.to_thread.run_sync(read_images, images, settings)
+    payload = await huggingface.read_hf_request(request) if huggingface.is_hf_request(request) else None
+    if payload is not None:
+        image_set = await anyio.to_thread.run_sync(decode_images, huggingface.hf_images(payload), settings)
+    else:
+        image_set = await anyio.to_thread.run_sync(read_images, images or [], settings)
     served = await anyio.to_thread.run_sync(request.app.state.classifiers.get, artifact_key, load)
     metrics.predict_batch.labels("classifier").observe(len(image_set))
-    return PredictResponse(predictions=prediction_items(images, await served.predict(image_set), top_k))
+    predictions = await served.predict(image_set)
+    if payload is not None:
+        return JSONResponse(huggingface.hf_answer(payload, predictions))
+    return PredictResponse(predictions=prediction_items(images, predictions, top_k))
 
 
 @router.post("/{classifier_id}/predictions", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,

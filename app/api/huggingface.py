@@ -1,0 +1,108 @@
+"""The Hugging Face inference payloads, accepted by both predict routes next to multipart uploads.
+
+A zero-shot-image-classification request is `{"inputs": "<base64 image>", "parameters":
+{"candidate_labels": [...], "hypothesis_template": "This is a photo of {}."}}` and its answer
+`[{"label": ..., "score": ...}]`, most probable first. `inputs` may also be a list of images: the answer
+is then one such list per image. A classifier's own predict route takes the same payload; there
+`candidate_labels` (optional) picks some of the classifier's classes, and their scores are renormalised
+over them, as a zero-shot pipeline scores only its candidates.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from coft import Predictions
+from app.api.errors import Problem
+
+JSON = "application/json"
+
+
+class HFParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send pipeline options that do not apply here
+    candidate_labels: list[str] | None = Field(None, description="the classes to score")
+    hypothesis_template: str | None = Field(None, description='zero-shot only, e.g. "This is a photo of {}."')
+    top_k: int | None = Field(None, ge=1, le=1000, description="labels per image (default: all candidates)")
+
+
+class HFRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: str | list[str] = Field(description="a base64-encoded image, or a list of them")
+    parameters: HFParameters = HFParameters()
+
+
+class HFLabelScore(BaseModel):
+    label: str
+    score: float
+
+
+def is_hf_request(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == JSON
+
+
+async def read_hf_request(request: Request) -> HFRequest:
+    try:
+        return HFRequest.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise Problem(422, "validation-error", "not a Hugging Face inference payload: "
+                      + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()),
+                      "Invalid request") from None
+
+
+def hf_images(payload: HFRequest) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each base64 input; a 422 for one that is not base64."""
+    inputs = [payload.inputs] if isinstance(payload.inputs, str) else payload.inputs
+    named = []
+    for i, text in enumerate(inputs):
+        try:
+            named.append((f"inputs[{i}]", base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text,
+                                                           validate=True)))
+        except (binascii.Error, ValueError):
+            raise Problem(422, "invalid-base64", f"inputs[{i}] is not base64-encoded image data") from None
+    return named
+
+
+def hf_answer(payload: HFRequest, predictions: Predictions) -> list:
+    """The pipeline's answer shape: [{label, score}] per image, best first (a list of those for a list)."""
+    names = predictions.class_names
+    probabilities = predictions.probabilities
+    wanted = payload.parameters.candidate_labels
+    if wanted is not None:
+        unknown = [label for label in wanted if label not in names]
+        if unknown or not wanted:
+            raise Problem(422, "unknown-class", f"candidate_labels must be some of this classifier's classes "
+                          f"{names}; unknown: {unknown}", "Unknown class")
+        columns = [names.index(label) for label in wanted]
+        probabilities = probabilities[:, columns]
+        probabilities = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        names = list(wanted)
+    top_k = min(payload.parameters.top_k or len(names), len(names))
+    values, indices = probabilities.topk(top_k, dim=1)
+    answers = [[{"label": names[i], "score": float(v)} for v, i in zip(row_values, row_indices)]
+               for row_values, row_indices in zip(values.tolist(), indices.tolist())]
+    return answers[0] if isinstance(payload.inputs, str) else answers
+
+
+def component_schemas() -> dict:
+    """The payload's schemas, for the OpenAPI document's components."""
+    _, top = models_json_schema([(HFRequest, "validation"), (HFLabelScore, "serialization")],
+                                ref_template="#/components/schemas/{model}")
+    return top["$defs"]
+
+
+def openapi_extra(multipart_answer: str) -> dict:
+    """The JSON request body next to the multipart one, and the answer each gets, in OpenAPI."""
+    scores = {"type": "array", "items": {"$ref": "#/components/schemas/HFLabelScore"}}
+    return {
+        "requestBody": {"content": {JSON: {"schema": {"$ref": "#/components/schemas/HFRequest"}}}},
+        "responses": {"200": {"description": "a multipart request gets the service's answer; a Hugging Face "
+                                             "payload gets `[{label, score}]`, one list per image for a list",
+                              "content": {JSON: {"schema": {"anyOf": [
+                                  {"$ref": f"#/components/schemas/{multipart_answer}"}, scores,
+                                  {"type": "array", "items": scores}]}}}}},
+    }
