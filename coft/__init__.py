@@ -29,6 +29,7 @@ _EXPORTS = {
     "check_class_names": "coft.data", "MAX_CLASSES": "coft.data",
     # the artifact every method writes
     "Classifier": "coft.classifier", "Predictions": "coft.classifier", "zero_shot_classifier": "coft.classifier",
+    "export_onnx": "coft.export",
     # backbones and class descriptions
     "load_backbone": "coft.backbone", "Backbone": "coft.backbone", "PROXY_MODEL": "coft.backbone",
     "proxy_weights_installed": "coft.backbone",
@@ -58,6 +59,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
     from coft.backbone import PROXY_MODEL, Backbone, load_backbone, proxy_weights_installed
     from coft.classifier import Classifier, Predictions, zero_shot_classifier
+    from coft.export import export_onnx
     from coft.config import DEFAULT_TEMPLATE, CoFTConfig, check_template
     from coft.data import (MAX_CLASSES, DataError, DataLimits, ImageSet, LabelledImageSet, RejectedFile,
                            check_class_names, decode_image, normalise_class_name, open_images,

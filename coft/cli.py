@@ -168,6 +168,29 @@ def predict(
     console.print(f"{len(image_set)} predictions written to [bold]{out}[/bold]")
 
 
+@app.command()
+def export(
+    classifier: Path = typer.Option(..., "--classifier", exists=True, file_okay=False, help="artifact directory"),
+    format: str = typer.Option("onnx", "--format", help="onnx"),
+    out: Path = typer.Option(..., "--out", help="directory for ensemble.onnx and member-{i}.onnx"),
+) -> None:
+    """Export a classifier for other runtimes: ONNX files of the ensemble and of each member, with the
+    preprocessing and class names in their metadata."""
+    from coft.classifier import Classifier
+    from coft.export import export_onnx
+
+    if format != "onnx":
+        console.print(f"[red]unknown format {format!r}: onnx is the one there is[/red]")
+        raise typer.Exit(2)
+    try:
+        model = Classifier.load(classifier, device="cpu")
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from error
+    for path in export_onnx(model, out):
+        console.print(f"wrote [bold]{path}[/bold]")
+
+
 def _progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console)

@@ -10,9 +10,15 @@ import hashlib
 import io
 import json
 import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -20,7 +26,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coft import CoFTConfig, DataError, DataLimits, ImageSet, open_images, open_labelled_images
+from coft import Classifier as LoadedClassifier
+from coft import CoFTConfig, DataError, DataLimits, ImageSet, export_onnx, open_images, open_labelled_images
 from app.core import backbones
 from app.core.db import session_scope
 from app.core.errors import Conflict, Invalid, OverQuota, Unavailable, not_found
@@ -29,7 +36,7 @@ from app.core.models import Classifier, ClassifierAlias, Dataset, DatasetStatus,
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.core.storage import (Storage, classifier_dir, dataset_archive, dataset_dir, dataset_parts,
-                              job_predictions, new_part_key)
+                              job_predictions, new_part_key, onnx_export_key)
 
 MAX_REJECTED_STORED = 1000
 log = logging.getLogger("app.core")
@@ -438,3 +445,34 @@ def delete_classifier(session: Session, tenant_id: str, storage: Storage, classi
     session.commit()
     storage.delete(classifier_dir(classifier_id))
     return artifact_key
+
+
+def export_archive(storage: Storage, classifier: Classifier, format: str) -> Path:
+    """A temporary file holding the classifier for download (the caller deletes it): its artifact as
+    tar.gz or zip, or its ONNX export as zip, made on first request and kept next to the artifact."""
+    handle, name = tempfile.mkstemp(suffix=f".{format}")
+    os.close(handle)
+    archive_path, root = Path(name), classifier.id
+    if format == "onnx":
+        key = onnx_export_key(classifier.artifact_key)
+        if not storage.exists(key):
+            with storage.local_dir(classifier.artifact_key) as source, tempfile.TemporaryDirectory() as scratch:
+                files = export_onnx(LoadedClassifier.load(source, device="cpu"), Path(scratch) / "onnx")
+                with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for path in files:
+                        archive.write(path, f"{root}/{path.name}")
+            with archive_path.open("rb") as handle_in:
+                storage.write(key, iter(lambda: handle_in.read(1 << 20), b""))
+            return archive_path
+        with storage.open(key) as stored, archive_path.open("wb") as out:
+            shutil.copyfileobj(stored, out)
+        return archive_path
+    with storage.local_dir(classifier.artifact_key) as source:
+        if format == "zip":
+            with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in sorted(source.rglob("*")):
+                    archive.write(path, f"{root}/{path.relative_to(source).as_posix()}")
+        else:
+            with tarfile.open(archive_path, "w:gz") as archive:
+                archive.add(source, arcname=root)
+    return archive_path

@@ -359,6 +359,11 @@ def classifier_dir(classifier_id: str) -> str:
     return f"classifiers/{classifier_id}"
 
 
+def onnx_export_key(artifact_key: str) -> str:
+    """The ONNX export of one artifact version: made once, deleted with the classifier."""
+    return f"{artifact_key}.onnx.zip"
+
+
 def new_artifact_key(classifier_id: str) -> str:
     """Where a new version of a classifier's artifact goes: a key never used before."""
     return f"{classifier_dir(classifier_id)}/{time.time_ns():x}"

@@ -131,6 +131,45 @@ def test_export_is_what_coft_predict_loads(adapted, tmp_path):
     assert sorted(names) == [f"{classifier_id}/classifier.json", f"{classifier_id}/model.safetensors"]
 
 
+def test_onnx_export_matches_predict_and_is_made_once(adapted, tmp_path):
+    import json as json_module
+
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from coft import Classifier as LoadedClassifier
+
+    api, job = adapted
+    classifier_id = job["classifier_id"]
+    response = api.get(f"/v1/classifiers/{classifier_id}/export", params={"format": "onnx"})
+    assert response.status_code == 200, response.text
+    assert f'filename="{classifier_id}.onnx.zip"' in response.headers["content-disposition"]
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    assert sorted(archive.namelist()) == [f"{classifier_id}/{name}" for name in
+                                          ("ensemble.onnx", "member-0.onnx", "member-1.onnx")]
+    archive.extractall(tmp_path)
+    ensemble = onnx.load(str(tmp_path / classifier_id / "ensemble.onnx"))
+    metadata = {p.key: p.value for p in ensemble.metadata_props}
+    assert json_module.loads(metadata["class_names"]) == ["cat", "dog"]
+    # The preprocessing the metadata names, then the ONNX ensemble: the service's own answer.
+    with tarfile.open(fileobj=io.BytesIO(api.get(f"/v1/classifiers/{classifier_id}/export").content)) as tar:
+        tar.extractall(tmp_path / "artifact", filter="data")
+    loaded = LoadedClassifier.load(tmp_path / "artifact" / classifier_id, device="cpu")
+    assert loaded.preprocess_cfg == json_module.loads(metadata["preprocessing"])
+    from coft import decode_image
+    pixels = loaded.transform()(decode_image(png(0))).unsqueeze(0).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / classifier_id / "ensemble.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    [probabilities] = session.run(["probabilities"], {"pixels": pixels})
+    served = api.post(f"/v1/classifiers/{classifier_id}/predict", files=[("images", ("x.png", png(0)))]).json()
+    best = served["predictions"][0]
+    assert ["cat", "dog"][int(np.argmax(probabilities[0]))] == best["label"]
+    assert abs(float(probabilities[0].max()) - best["probability"]) < 1e-4
+    again = api.get(f"/v1/classifiers/{classifier_id}/export", params={"format": "onnx"})
+    assert again.content == response.content  # kept with the artifact, not made again
+
+
 def test_other_tenants_see_nothing(adapted, stack):
     api, job = adapted
     other = stack.client(stack.new_key())

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import tarfile
-import tempfile
-import zipfile
 from typing import Annotated, Literal
 
 import anyio
@@ -101,22 +98,17 @@ def predict_dataset(classifier_id: str, body: PredictionJobCreate, request: Requ
 
 @router.get("/{classifier_id}/export", response_class=FileResponse,
             responses={200: {"content": {"application/gzip": {}, "application/zip": {}},
-                             "description": "the artifact directory, as `<classifier_id>/...`"}})
+                             "description": "the artifact directory, as `<classifier_id>/...`; with format=onnx a "
+                                            "zip of `<classifier_id>/ensemble.onnx` and `member-<i>.onnx`"}})
 def export(classifier_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
-           format: Literal["tar.gz", "zip"] = "tar.gz") -> FileResponse:
-    """Download the artifact: unpack it and run `coft predict --classifier <classifier_id> ...`."""
+           format: Literal["tar.gz", "zip", "onnx"] = "tar.gz") -> FileResponse:
+    """Download the artifact: unpack it and run `coft predict --classifier <classifier_id> ...`; or, with
+    `format=onnx`, the ensemble and each member as ONNX, preprocessing and class names in their metadata
+    (made once per artifact, then kept with it)."""
     row = get_owned_classifier(session, tenant, classifier_id)
-    artifact_key, classifier_id = row.artifact_key, row.id  # an alias exports the classifier under its id
-    handle, archive_path = tempfile.mkstemp(suffix=f".{format}")
-    os.close(handle)
-    with storage.local_dir(artifact_key) as source:
-        if format == "zip":
-            with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
-                for path in sorted(source.rglob("*")):
-                    archive.write(path, f"{classifier_id}/{path.relative_to(source).as_posix()}")
-        else:
-            with tarfile.open(archive_path, "w:gz") as archive:
-                archive.add(source, arcname=classifier_id)
-    media_type = "application/zip" if format == "zip" else "application/gzip"
-    return FileResponse(archive_path, media_type=media_type, filename=f"{classifier_id}.{format}",
+    session.close()  # an ONNX export takes a while: do not hold a pooled connection meanwhile
+    archive_path = crud.export_archive(storage, row, format)
+    media_type = "application/gzip" if format == "tar.gz" else "application/zip"
+    suffix = "onnx.zip" if format == "onnx" else format
+    return FileResponse(archive_path, media_type=media_type, filename=f"{row.id}.{suffix}",
                         background=BackgroundTask(os.unlink, archive_path))
