@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.core import crud
+from app.core import crud, webhooks
 from app.core.auth import ensure_key
 from app.core.db import session_scope
 from app.api.errors import BodySizeLimit, document_problems, install_error_handlers
@@ -53,7 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for dataset_id in left:
             threading.Thread(target=crud.validate_dataset, args=(settings, app.state.storage, dataset_id),
                              name=f"validate-{dataset_id}", daemon=True).start()
+        dispatcher = webhooks.Dispatcher(settings)  # the API delivers webhook events (see app.core.webhooks)
+        dispatcher.start()
         yield
+        dispatcher.stop()
 
     app = FastAPI(title="coft", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings

@@ -62,6 +62,25 @@ class BackboneSpec(BaseModel):
 Method = Literal["zero-shot", "coft", "coft+"]
 
 
+class Callback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=2000, description="http(s) URL of a public host (or one the operator allows)")
+    secret: str = Field(min_length=16, max_length=200, description="signs each event: header Coft-Signature "
+                        "`t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f'{t}.{body}')>`")
+
+
+class WebhookDeliveryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    event: str = Field(description="job.running, job.succeeded, job.failed, job.cancelled, ...")
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "dataset_id": "ds_3f9c2a1b7e8d4c5a6b7c", "class_names": ["sparrow", "robin", "blue jay"], "method": "coft",
@@ -81,6 +100,8 @@ class JobCreate(BaseModel):
         None, description="sentences per class for the initial pseudo-labels, every class present; default for "
                           "coft+: the configured LLM, else the template ensemble (metrics.prompt_source says which)",
         examples=[{"sparrow": ["a photo of a sparrow, a small brown bird."], "robin": ["a robin, orange breast."]}])
+    callback: Callback | None = Field(None, description="POST each change of the job's state here, signed "
+                                                        "with the secret (webhooks)")
 
     @field_validator("class_names")
     @classmethod
@@ -106,7 +127,9 @@ class JobCreate(BaseModel):
                           pretrained=self.backbone.pretrained if self.backbone else None, template=self.template,
                           config=self.config.model_dump(exclude_unset=True) if self.config else None,
                           eval_dataset_id=self.eval_dataset_id,
-                          class_descriptions=self.class_descriptions)
+                          class_descriptions=self.class_descriptions,
+                          callback_url=self.callback.url if self.callback else None,
+                          callback_secret=self.callback.secret if self.callback else None)
 
 
 class JobError(BaseModel):
@@ -138,6 +161,7 @@ class JobOut(BaseModel):
     eval_dataset_id: str | None
     class_names: list[str]
     method: str
+    callback_url: str | None = None
     backbone: BackboneSpec
     template: str | None
     config: dict[str, Any]

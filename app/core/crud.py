@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from coft import Classifier as LoadedClassifier
 from coft import CoFTConfig, DataError, DataLimits, ImageSet, export_onnx, open_images, open_labelled_images
-from app.core import backbones
+from app.core import backbones, webhooks
 from app.core.db import session_scope
 from app.core.errors import Conflict, Invalid, OverQuota, Unavailable, not_found
 from app.core.jobs import fail_unqueued, request_cancel
@@ -245,6 +245,8 @@ class JobRequest:
     config: dict[str, Any] | None
     eval_dataset_id: str | None
     class_descriptions: dict[str, list[str]] | None
+    callback_url: str | None = None
+    callback_secret: str | None = None
 
 
 def method_config(request: JobRequest) -> dict:
@@ -273,10 +275,13 @@ def create_job(session: Session, tenant_id: str, request: JobRequest, *, setting
                             request.class_names, storage, settings)
     model = request.model or settings.default_model
     backbones.resolve(settings, model, request.pretrained)
+    if request.callback_url is not None:
+        webhooks.check_callback_url(request.callback_url, settings)
     job = Job(tenant_id=tenant_id, dataset_id=dataset.id, eval_dataset_id=request.eval_dataset_id,
               class_names=request.class_names, method=request.method, backbone_model=model,
               backbone_pretrained=request.pretrained, template=request.template, config=method_config(request),
               class_descriptions=request.class_descriptions, idempotency_key=idempotency_key,
+              callback_url=request.callback_url, callback_secret=request.callback_secret,
               request_hash=request_hash)
     session.add(job)
     try:

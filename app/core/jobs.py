@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.core import webhooks
 from app.core.models import Classifier, Job, JobStatus, utcnow
 
 
@@ -30,6 +31,8 @@ def _transition(session: Session, job_id: str, where: list, **values: Any) -> bo
     now = utcnow()
     result = session.execute(update(Job).where(Job.id == job_id, *where).values(updated_at=now, **values)
                              .execution_options(synchronize_session=False))
+    if result.rowcount == 1 and "status" in values:
+        webhooks.record(session, job_id)  # in this transaction: the event exists if and only if the change does
     session.commit()
     return result.rowcount == 1
 
@@ -100,6 +103,7 @@ def succeed(session: Session, job_id: str, attempt: int, classifier: Classifier 
     if result.rowcount != 1:
         session.rollback()
         return False
+    webhooks.record(session, job_id)
     session.commit()
     return True
 

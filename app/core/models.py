@@ -138,6 +138,10 @@ class Job(_NamesABackbone, Base):
     worker: Mapped[str | None] = mapped_column(String(200))  # hostname:pid of the current attempt
     classifier_id: Mapped[str | None] = mapped_column(String(40))
 
+    # Webhooks (app.core.webhooks): where state changes are POSTed, and the secret that signs them.
+    callback_url: Mapped[str | None] = mapped_column(String(2000))
+    callback_secret: Mapped[str | None] = mapped_column(String(200))
+
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))  # same key, different body -> 409
 
@@ -174,3 +178,21 @@ class ClassifierAlias(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     classifier_id: Mapped[str] = mapped_column(ForeignKey("classifiers.id"), index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for a job's callback URL, and how its delivery went (an outbox row)."""
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("wh"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    last_attempt_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     # Test and demo aid: sleep this long in every progress event so a tiny job's stages can be watched.
     worker_progress_delay_s: float = 0.0
 
+    # Webhooks: callback URLs may name only public addresses, unless listed here (host names or CIDR
+    # ranges, e.g. ["hooks.internal", "10.1.0.0/16"]); each event is tried up to max_attempts times,
+    # backoff_s x 2^(attempt-1) apart. The API process delivers, polling every poll_s.
+    webhook_allowed_hosts: list[str] = []
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_max_attempts: int = Field(6, ge=1)
+    webhook_backoff_s: float = Field(2.0, ge=0)
+    webhook_poll_s: float = Field(1.0, gt=0)
+
     # CoFT+ class descriptions from an OpenAI-compatible chat-completions endpoint (COFT_LLM_BASE_URL,
     # e.g. https://host/v1, and COFT_LLM_MODEL); unset: the built-in template ensemble.
     llm_base_url: str | None = None

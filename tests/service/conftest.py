@@ -296,7 +296,9 @@ def stacks(redis_server, models_dir, tmp_path_factory, request):
             env["DATABASE_URL"] = database_url
         settings = Settings(_env_file=None, data_dir=data_dir, models_dir=models_dir, database_url=database_url,
                             redis_url=env["REDIS_URL"], device="cpu", storage_url=store.get("COFT_STORAGE_URL"),
-                            s3_endpoint_url=store.get("COFT_S3_ENDPOINT_URL"))
+                            s3_endpoint_url=store.get("COFT_S3_ENDPOINT_URL"),
+                            # webhook receivers in the tests listen on loopback, which only an allowlist opens
+                            webhook_allowed_hosts=["127.0.0.1"], webhook_backoff_s=0.2, webhook_poll_s=0.1)
         run_migrations(settings.database_url)
         stack = Stack(backend, settings, env)
         stack.server = ServerThread(create_app(settings))

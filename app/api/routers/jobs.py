@@ -10,8 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.pagination import PageDep, newest_first
-from app.api.schemas import DatasetPrediction, JobCreate, JobOut, JobStatusName, Page
-from app.core import crud
+from app.api.schemas import DatasetPrediction, JobCreate, JobOut, JobStatusName, Page, WebhookDeliveryOut
+from app.core import crud, webhooks
 from app.core.models import Job, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -76,3 +76,10 @@ def export_job_predictions(job_id: str, session: SessionDep, tenant: TenantDep, 
     media_type = "text/csv" if format == "csv" else "application/x-ndjson"
     return StreamingResponse(crud.job_predictions_rows(predictions, format), media_type=media_type,
                              headers={"Content-Disposition": f'attachment; filename="{job_id}-predictions.{format}"'})
+
+
+@router.get("/{job_id}/webhooks", response_model=list[WebhookDeliveryOut])
+def job_webhooks(job_id: str, session: SessionDep, tenant: TenantDep) -> list:
+    """The events sent (or being sent) to the job's callback URL, oldest first, with each one's outcome."""
+    crud.owned(session, tenant.id, Job, job_id, "job")
+    return webhooks.deliveries(session, job_id)
