@@ -64,6 +64,16 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=default))
 
 
+def _labelled(images, labels: dict[str, str] | None, class_names: list[str]) -> LabelledImages | None:
+    """The images the user labelled (by path in the dataset), as labelled shots for adapt()."""
+    if not labels:
+        return None
+    position = {name: i for i, name in enumerate(images.names)}
+    named = [(position[name], class_names.index(label)) for name, label in sorted(labels.items())
+             if name in position]
+    return LabelledImages([images[i] for i, _ in named], torch.tensor([label for _, label in named]))
+
+
 class JobRun:
     def __init__(self, settings: Settings, job_id: str, node: str):
         self.settings, self.job_id = settings, job_id
@@ -149,7 +159,8 @@ class JobRun:
             result = adapt(images, job.class_names, method=job.method, model=model, pretrained=pretrained,
                            config=config, progress=self._progress, checkpoint_dir=work.path,
                            evaluation=evaluation, device=self.settings.device,
-                           descriptions=job.class_descriptions, llm=self._llm())
+                           descriptions=job.class_descriptions, llm=self._llm(),
+                           labelled_shots=_labelled(images, job.labels, job.class_names))
         if self.stop.is_set():
             raise Stopped()
 

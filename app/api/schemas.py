@@ -102,6 +102,11 @@ class JobCreate(BaseModel):
         examples=[{"sparrow": ["a photo of a sparrow, a small brown bird."], "robin": ["a robin, orange breast."]}])
     callback: Callback | None = Field(None, description="POST each change of the job's state here, signed "
                                                         "with the secret (webhooks)")
+    parent_job_id: str | None = Field(None, description="the job this one refines (e.g. with corrected labels); "
+                                                         "recorded, shown as the new job's parent")
+    labels: dict[str, str] | None = Field(None, max_length=10000, description="true classes of some of the dataset's "
+                                          "images, by path ({\"img001.jpg\": \"cat\"}): trained on as labelled shots "
+                                          "(coft, coft+)")
 
     @field_validator("class_names")
     @classmethod
@@ -129,7 +134,8 @@ class JobCreate(BaseModel):
                           eval_dataset_id=self.eval_dataset_id,
                           class_descriptions=self.class_descriptions,
                           callback_url=self.callback.url if self.callback else None,
-                          callback_secret=self.callback.secret if self.callback else None)
+                          callback_secret=self.callback.secret if self.callback else None,
+                          parent_job_id=self.parent_job_id, labels=self.labels)
 
 
 class JobError(BaseModel):
@@ -162,6 +168,8 @@ class JobOut(BaseModel):
     class_names: list[str]
     method: str
     callback_url: str | None = None
+    parent_job_id: str | None = None
+    labels: dict[str, str] | None = None
     backbone: BackboneSpec
     template: str | None
     config: dict[str, Any]

@@ -247,6 +247,8 @@ class JobRequest:
     class_descriptions: dict[str, list[str]] | None
     callback_url: str | None = None
     callback_secret: str | None = None
+    parent_job_id: str | None = None
+    labels: dict[str, str] | None = None
 
 
 def method_config(request: JobRequest) -> dict:
@@ -277,11 +279,16 @@ def create_job(session: Session, tenant_id: str, request: JobRequest, *, setting
     backbones.resolve(settings, model, request.pretrained)
     if request.callback_url is not None:
         webhooks.check_callback_url(request.callback_url, settings)
+    if request.parent_job_id is not None:
+        owned(session, tenant_id, Job, request.parent_job_id, "job")
+    if request.labels:
+        _check_labels(request, dataset, storage, settings)
     job = Job(tenant_id=tenant_id, dataset_id=dataset.id, eval_dataset_id=request.eval_dataset_id,
               class_names=request.class_names, method=request.method, backbone_model=model,
               backbone_pretrained=request.pretrained, template=request.template, config=method_config(request),
               class_descriptions=request.class_descriptions, idempotency_key=idempotency_key,
               callback_url=request.callback_url, callback_secret=request.callback_secret,
+              parent_job_id=request.parent_job_id, labels=request.labels or None,
               request_hash=request_hash)
     session.add(job)
     try:
@@ -324,6 +331,22 @@ def create_prediction_job(session: Session, tenant_id: str, classifier_id: str, 
     session.commit()
     _enqueue(session, celery, job)
     return job
+
+
+def _check_labels(request: JobRequest, dataset: Dataset, storage: Storage, settings: Settings) -> None:
+    """Labelled images must be the dataset's, with the job's classes, and for a method that trains."""
+    if request.method == "zero-shot":
+        raise Invalid("labels-need-training", "labels are trained on: use method coft or coft+")
+    unknown_classes = sorted({label for label in request.labels.values() if label not in request.class_names})
+    if unknown_classes:
+        raise Invalid("unknown-class", f"labels name classes the job does not have: {unknown_classes[:10]}",
+                      "Unknown class")
+    with dataset_images(storage, dataset, settings.data_limits(), verify=False) as images:
+        names = set(images.names)
+    missing = sorted(name for name in request.labels if name not in names)
+    if missing:
+        raise Invalid("unknown-image", f"labels name images the dataset does not have: {missing[:10]}",
+                      "Unknown image", missing=missing[:100])
 
 
 def _replay(session: Session, tenant_id: str, key: str, request_hash: str) -> Job | None:

@@ -138,6 +138,10 @@ class Job(_NamesABackbone, Base):
     worker: Mapped[str | None] = mapped_column(String(200))  # hostname:pid of the current attempt
     classifier_id: Mapped[str | None] = mapped_column(String(40))
 
+    # Steering: the job this one was started from, and labels the user gave some of the dataset's
+    # images ({image path: class}); the run trains on them as labelled shots.
+    parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    labels: Mapped[dict[str, Any] | None]
     # Webhooks (app.core.webhooks): where state changes are POSTed, and the secret that signs them.
     callback_url: Mapped[str | None] = mapped_column(String(2000))
     callback_secret: Mapped[str | None] = mapped_column(String(200))
