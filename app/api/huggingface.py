@@ -69,22 +69,17 @@ def hf_images(payload: HFRequest) -> list[tuple[str, bytes]]:
 
 def hf_answer(payload: HFRequest, predictions: Predictions) -> list:
     """The pipeline's answer shape: [{label, score}] per image, best first (a list of those for a list)."""
-    names = predictions.class_names
-    probabilities = predictions.probabilities
     wanted = payload.parameters.candidate_labels
     if wanted is not None:
+        names = predictions.class_names
         unknown = [label for label in wanted if label not in names]
         if unknown or not wanted:
             raise Problem(422, "unknown-class", f"candidate_labels must be some of this classifier's classes "
                           f"{names}; unknown: {unknown}", "Unknown class")
-        columns = [names.index(label) for label in wanted]
-        probabilities = probabilities[:, columns]
-        probabilities = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        names = list(wanted)
-    top_k = min(payload.parameters.top_k or len(names), len(names))
-    values, indices = probabilities.topk(top_k, dim=1)
-    answers = [[{"label": names[i], "score": float(v)} for v, i in zip(row_values, row_indices)]
-               for row_values, row_indices in zip(values.tolist(), indices.tolist())]
+        picked = predictions.probabilities[:, [names.index(label) for label in wanted]]
+        predictions = Predictions(list(wanted), picked / picked.sum(dim=1, keepdim=True).clamp_min(1e-12))
+    ranked = predictions.top_k(payload.parameters.top_k or len(predictions.class_names))
+    answers = [[{"label": label, "score": score} for label, score in image] for image in ranked]
     return answers[0] if isinstance(payload.inputs, str) else answers
 
 

@@ -187,17 +187,13 @@ def finalize_upload(session: Session, tenant_id: str, dataset_id: str) -> Datase
     _check_uploading(dataset)
     if dataset.num_parts == 0:
         raise Invalid("no-parts", "append at least one archive before finalising", "Nothing uploaded")
+    # A dataset in parts is named by its size and count, not a hash of bytes it never held whole.
+    digest = hashlib.sha256(f"{dataset_id}:{dataset.num_parts}:{dataset.size_bytes}".encode()).hexdigest()
     session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.status == DatasetStatus.UPLOADING)
-                    .values(status=DatasetStatus.VALIDATING, sha256=_parts_digest(session, dataset_id)))
+                    .values(status=DatasetStatus.VALIDATING, sha256=digest))
     session.commit()
     session.refresh(dataset)
     return dataset
-
-
-def _parts_digest(session: Session, dataset_id: str) -> str:
-    """A dataset in parts is named by its size and count here, not a hash of bytes it never held whole."""
-    dataset = session.get(Dataset, dataset_id)
-    return hashlib.sha256(f"{dataset_id}:{dataset.num_parts}:{dataset.size_bytes}".encode()).hexdigest()
 
 
 def _check_uploading(dataset: Dataset | None) -> None:
