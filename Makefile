@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test serve demo demo-cli pretrain-proxy benchmark clean
+.PHONY: install test screenshots serve demo demo-cli pretrain-proxy benchmark clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest -q
+
+# docs/screenshots/*.png, taken by the dashboard's browser test (needs Debian's chromium).
+screenshots: install
+	COFT_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/service/test_dashboard.py -k "sqlite and adapts"
 
 # The whole service on this machine: Redis (unless REDIS_URL is set), migrations, the API on
 # 127.0.0.1:8000 (PORT overrides) and one worker; Ctrl-C stops everything. Data in COFT_DATA_DIR (./data).

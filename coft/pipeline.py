@@ -63,8 +63,31 @@ class AdaptResult:
     predictions: Predictions  # the classifier's predictions on the adapted images themselves
     metrics: dict[str, Any] = field(default_factory=dict)
     # Which images the method trusted, with which labels: name -> (indices into the images, labels).
-    # "zero_shot": all images; "s_star": the top-K per class; "clean_model{1,2}": each Phase II set.
+    # "zero_shot": all images; "s_star": the top-K per class; "filter_model{1,2}": every image with
+    # the label each Phase I model gave it; "clean_model{1,2}": each Phase II set (what the other kept).
     selections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def review(self) -> list[dict[str, Any]]:
+        """Per adapted image, in order, what the method did with it (a dashboard's gallery):
+        `zero_shot_label`, `s_star` (in the Phase I training set), `model_labels` (each Phase I model's
+        label; empty for zero-shot), `clean` (whether that label entered its Phase II set)."""
+        names = self.predictions.class_names
+        count = len(self.predictions.probabilities)
+
+        def labels_of(name: str) -> list[str | None]:
+            column: list[str | None] = [None] * count
+            if name in self.selections:
+                for index, label in zip(*(t.tolist() for t in self.selections[name])):
+                    if index < count:  # labelled shots follow the images: not part of the review
+                        column[index] = names[label]
+            return column
+
+        zero_shot, s_star = labels_of("zero_shot"), labels_of("s_star")
+        models = [labels_of(f"filter_model{i}") for i in (1, 2) if f"filter_model{i}" in self.selections]
+        clean = [labels_of(f"clean_model{i}") for i in (1, 2) if f"clean_model{i}" in self.selections]
+        return [{"zero_shot_label": zero_shot[i], "s_star": s_star[i] is not None,
+                 "model_labels": [column[i] for column in models],
+                 "clean": [column[i] is not None for column in clean]} for i in range(count)]
 
 
 def adapt(images: Sequence[Image.Image] | ImageSource, class_names: Sequence[str], *, method: str = "coft",
@@ -207,7 +230,9 @@ def _finish(run: "_Run", members: list[ImageClassifier], backbone: Backbone, zer
     selections = {"zero_shot": (torch.arange(len(labels)), labels),
                   "s_star": (zero_shot.s_star_indices, zero_shot.s_star_labels)}
     if filtered is not None:
-        selections.update({f"clean_model{i}": filtered.clean_set(i) for i in (1, 2)})
+        for i in (1, 2):
+            selections[f"filter_model{i}"] = (torch.arange(len(filtered.labels[i - 1])), filtered.labels[i - 1])
+            selections[f"clean_model{i}"] = filtered.clean_set(i)
     return AdaptResult(classifier, predictions, run.metrics, {**selections, **run.selections})
 
 

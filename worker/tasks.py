@@ -169,8 +169,12 @@ class JobRun:
         with tempfile.TemporaryDirectory() as scratch:
             artifact = result.classifier.save(Path(scratch) / "artifact")
             size = self.storage.put_dir(artifact_key, artifact)
-        predictions = [{"name": name, "label": label, "probability": probability} for name, label, probability
-                       in zip(images.names, result.predictions.labels, result.predictions.confidences)]
+        # The predictions, with what the method did with each image (the dashboard's gallery filters on it).
+        given = job.labels or {}
+        predictions = [{"index": index, "name": name, "label": label, "probability": probability, **review,
+                        "given_label": given.get(name)}
+                       for index, (name, label, probability, review) in enumerate(zip(
+                           images.names, result.predictions.labels, result.predictions.confidences, result.review()))]
         self.storage.write(job_predictions(self.job_id), [json.dumps(predictions).encode()])
         row = Classifier(id=classifier_id, tenant_id=job.tenant_id, job_id=job.id, class_names=job.class_names,
                          method=job.method, backbone_model=job.backbone_model,
@@ -195,10 +199,10 @@ class JobRun:
         with dataset_images(self.storage, dataset, self.settings.data_limits(), verify=False) as opened:
             images = opened
         predictions = model.predict(images, batch_size=self.settings.predict_max_batch, progress=self._progress)
-        rows = [{"name": name, "label": label, "probability": probability,
+        rows = [{"index": index, "name": name, "label": label, "probability": probability,
                  "top_k": [{"label": other, "probability": p} for other, p in ranked]}
-                for name, label, probability, ranked in zip(images.names, predictions.labels, predictions.confidences,
-                                                            predictions.top_k(job.config.get("top_k", 5)))]
+                for index, (name, label, probability, ranked) in enumerate(zip(
+                    images.names, predictions.labels, predictions.confidences, predictions.top_k(job.config.get("top_k", 5))))]
         self.storage.write(job_predictions(self.job_id), [json.dumps(rows).encode()])
         with session_scope(self.db) as session:
             succeeded = succeed(session, self.job_id, self.attempt, None, {"images": len(rows)})

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from functools import partial
+from pathlib import Path
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.core import crud, webhooks
 from app.core.auth import ensure_key
@@ -24,6 +26,7 @@ from app.core.settings import Settings, get_settings
 from app.core.storage import get_storage
 
 log = logging.getLogger("app")
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 
 DESCRIPTION = """
 Unsupervised adaptation of CLIP models (CoFT) as a service.
@@ -65,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # loaded artifacts, by storage key, each with its batcher (stopped when the model leaves the cache)
     app.state.classifiers = LRUCache(settings.classifier_cache_size, on_evict=lambda served: served.batcher.close())
     app.state.backbones = LRUCache(settings.classifier_cache_size)  # zero-shot backbones
+    app.state.job_predictions = LRUCache(16)  # a finished job's predictions, parsed once for paging
+    app.state.thumbnails = LRUCache(4096)  # small JPEGs (a few kB each) that the dashboard's galleries show
     # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
     app.state.celery = make_celery(settings) if settings.redis_url else None
     install_error_handlers(app)
@@ -79,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(aliases.router)
     app.include_router(zero_shot.router)
     app.include_router(models.router)
+    # The dashboard: static pages over the same API (app/ui; its API key stays in the browser tab).
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     document_problems(app, gated=lambda method, path: bucket_for(method, path) is not None,
                       schemas=huggingface.component_schemas())
     return app

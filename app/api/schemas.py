@@ -237,10 +237,17 @@ class PredictResponse(BaseModel):
 
 
 class DatasetPrediction(BaseModel):
+    index: int | None = Field(None, description="the image's position in the dataset (its thumbnail's index)")
     name: str = Field(description="the image's path inside the dataset archive")
     label: str
     probability: float
     top_k: list[LabelProbability] | None = Field(None, description="prediction jobs: the most probable labels")
+    # adaptation jobs: what the method did with the image
+    zero_shot_label: str | None = None
+    s_star: bool | None = Field(None, description="in S*, Phase I's training set (with its zero-shot label)")
+    model_labels: list[str] | None = Field(None, description="each Phase I model's label for it")
+    clean: list[bool] | None = Field(None, description="per model: its label was accepted into its Phase II set")
+    given_label: str | None = Field(None, description="the label the job was given for it (`labels`)")
 
 
 class ModelOut(BaseModel):

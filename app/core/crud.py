@@ -15,7 +15,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +107,19 @@ def dataset_images(storage: Storage, dataset: Dataset, limits: DataLimits, verif
     else:
         with storage.local_dir(dataset_parts(dataset.id)) as folder:
             yield open_images(sorted(folder.iterdir()), limits=limits, verify=verify)
+
+
+def thumbnail(storage: Storage, dataset: Dataset, index: int, size: int, limits: DataLimits) -> bytes:
+    """Image `index` of a ready dataset (the order of its jobs' predictions), as a JPEG at most
+    `size` pixels on its longer side."""
+    if not 0 <= index < dataset.num_images:
+        raise not_found("image", str(index))
+    with dataset_images(storage, dataset, limits, verify=False) as images:
+        image = images.decode(index, at_least=(size, size))
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
 
 
 def validate_dataset(settings: Settings, storage: Storage, dataset_id: str) -> None:
@@ -377,14 +390,47 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return owned(session, tenant_id, Job, job_id, "job")
 
 
-def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job_id: str) -> list[dict]:
-    """The classifier's label for every image of the job's dataset, in archive path order."""
+def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job_id: str,
+                         cached: Callable[[str, Callable[[], list[dict]]], list[dict]] | None = None) -> list[dict]:
+    """The classifier's label for every image of the job's dataset, in archive path order. A
+    finished job's predictions never change: `cached(key, load)` may keep them (the API does)."""
     job = owned(session, tenant_id, Job, job_id, "job")
     if job.status != JobStatus.SUCCEEDED:
         raise Conflict("job-not-succeeded", f"the job is {job.status.value}; predictions exist once it succeeds",
                        "No predictions yet")
-    with storage.open(job_predictions(job_id)) as handle:
-        return json.load(handle)
+
+    def load() -> list[dict]:
+        with storage.open(job_predictions(job_id)) as handle:
+            return json.load(handle)
+    return load() if cached is None else cached(job_id, load)
+
+
+# Which images each `set` holds, and which of their labels `label` filters on: the set's own label
+# (the zero-shot label for S*, model i's label for its clean and rejected sets, the final one for all).
+REVIEW_SETS: dict[str, Callable[[dict], tuple[bool, str | None]]] = {
+    "all": lambda row: (True, row["label"]),
+    "s_star": lambda row: (row["s_star"], row["zero_shot_label"]),
+    **{f"{kind}_model{i}": (lambda row, i=i, kept=kind == "clean": (
+        len(row["model_labels"]) >= i and row["clean"][i - 1] == kept,
+        row["model_labels"][i - 1] if len(row["model_labels"]) >= i else None))
+       for i in (1, 2) for kind in ("clean", "rejected")},
+    "labelled": lambda row: (row.get("given_label") is not None, row.get("given_label")),
+}
+
+
+def filter_predictions(rows: list[dict], set_name: str = "all", label: str | None = None,
+                       min_probability: float = 0.0, max_probability: float = 1.0) -> list[dict]:
+    """The rows of one review set (REVIEW_SETS), of one class and within a confidence range."""
+    if set_name != "all" and rows and "s_star" not in rows[0]:
+        raise Conflict("no-review", f"set {set_name!r} needs an adaptation job; a prediction job has only `all`",
+                       "Nothing to review")
+    member = REVIEW_SETS[set_name]
+    kept = []
+    for row in rows:
+        inside, its_label = member(row)
+        if inside and (label is None or its_label == label) and min_probability <= row["probability"] <= max_probability:
+            kept.append(row)
+    return kept
 
 
 def job_predictions_rows(predictions: list[dict], format: str) -> Iterator[bytes]:

@@ -52,7 +52,7 @@ def test_every_route_needs_a_valid_key(stack):
     anonymous, wrong = stack.client(), stack.client("coft_" + "0" * 40)
     operations = v1_operations(anonymous)
     assert len(operations) >= 14
-    ids = {"dataset_id": "ds_x", "job_id": "job_x", "classifier_id": "clf_x", "alias_name": "production"}
+    ids = {"dataset_id": "ds_x", "job_id": "job_x", "classifier_id": "clf_x", "alias_name": "production", "index": "0"}
     for client in (anonymous, wrong):
         for method, path in operations:
             response = send(client, method, fill(path, ids))
@@ -74,7 +74,7 @@ def owned(stacks):
     assert job["status"] == "succeeded", job
     assert api.put("/v1/aliases/production", json={"classifier_id": job["classifier_id"]}).status_code == 200
     return stack, key, {"dataset_id": dataset_id, "job_id": job["id"], "classifier_id": job["classifier_id"],
-                        "alias_name": "production"}
+                        "alias_name": "production", "index": "0"}
 
 
 def test_another_tenants_ids_are_404_on_every_route(owned):
@@ -82,7 +82,7 @@ def test_another_tenants_ids_are_404_on_every_route(owned):
     intruder = stack.client(stack.new_key())
     operations = v1_operations(intruder)
     with_ids = [(m, p) for m, p in operations if "{" in p]
-    assert {re.search(r"\{(\w+)\}", p).group(1) for _, p in with_ids} == ids.keys()
+    assert {name for _, p in with_ids for name in re.findall(r"\{(\w+)\}", p)} == ids.keys()
     for method, path in with_ids:
         response = send(intruder, method, fill(path, ids), classifier_id=ids["classifier_id"])
         kind = re.search(r"\{(\w+?)_(?:id|name)\}", path).group(1)

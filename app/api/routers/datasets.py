@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, File, Response, UploadFile, status
+from fastapi import APIRouter, BackgroundTasks, File, Query, Request, Response, UploadFile, status
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.pagination import PageDep, newest_first
@@ -84,3 +84,18 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
                responses={409: {"description": "an active job uses the dataset"}})
 def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep) -> None:
     crud.delete_dataset(session, tenant.id, storage, dataset_id)
+
+
+@router.get("/{dataset_id}/images/{index}/thumbnail", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "the image, at most `size` pixels wide and high"},
+                       404: {"description": "no such dataset, or no image at that index"},
+                       409: {"description": "the dataset is not ready"}})
+def thumbnail(dataset_id: str, index: int, session: SessionDep, tenant: TenantDep, storage: StorageDep,
+              settings: SettingsDep, request: Request,
+              size: Annotated[int, Query(ge=16, le=512, description="longer side, in pixels")] = 128) -> Response:
+    """Image `index` of the dataset, small: the order is that of its jobs' predictions (their `index`)."""
+    dataset = crud.ready_dataset(session, tenant.id, dataset_id)
+    jpeg = request.app.state.thumbnails.get((dataset.id, index, size), lambda: crud.thumbnail(
+        storage, dataset, index, size, settings.data_limits()))
+    # A dataset's images never change: the browser may keep them (privately: they are the tenant's).
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
@@ -55,12 +56,40 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> Job:
     return crud.cancel_job(session, tenant.id, job_id)
 
 
-@router.get("/{job_id}/predictions", response_model=Page[DatasetPrediction],
-            responses={409: {"description": "the job has not succeeded"}})
-def job_predictions(job_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
-                    page: PageDep) -> dict:
-    """The adapted classifier's label for every image of the job's dataset, in archive path order."""
-    predictions = crud.read_job_predictions(session, tenant.id, storage, job_id)
+ReviewSet = Literal["all", "s_star", "clean_model1", "clean_model2", "rejected_model1", "rejected_model2",
+                    "labelled"]
+
+
+@dataclass
+class PredictionFilter:
+    """Which predictions to list: one set of what the method did, one class, a confidence range."""
+
+    set: Annotated[ReviewSet, Query(description=(
+        "`all`; `s_star` (Phase I's training set); `clean_model1|2` (what the other model accepted of model "
+        "i's labels: its Phase II set); `rejected_model1|2` (what it did not); `labelled` (the labels given "
+        "to the job)"))] = "all"
+    label: Annotated[str | None, Query(max_length=200, description=(
+        "only this class, by the set's own label: zero-shot for `s_star`, model i's for its sets, the "
+        "given label for `labelled`, the final prediction for `all`"))] = None
+    min_probability: Annotated[float, Query(ge=0, le=1, description="final confidence at least")] = 0.0
+    max_probability: Annotated[float, Query(ge=0, le=1, description="final confidence at most")] = 1.0
+
+    def rows(self, request: Request, session, tenant, storage, job_id: str) -> list[dict]:
+        predictions = crud.read_job_predictions(session, tenant.id, storage, job_id,
+                                                cached=request.app.state.job_predictions.get)
+        return crud.filter_predictions(predictions, self.set, self.label, self.min_probability, self.max_probability)
+
+
+FilterDep = Annotated[PredictionFilter, Depends()]
+_NOT_YET = {409: {"description": "the job has not succeeded (or `set` needs an adaptation job)"}}
+
+
+@router.get("/{job_id}/predictions", response_model=Page[DatasetPrediction], responses=_NOT_YET)
+def job_predictions(job_id: str, request: Request, session: SessionDep, tenant: TenantDep, storage: StorageDep,
+                    page: PageDep, where: FilterDep) -> dict:
+    """The adapted classifier's label for every image of the job's dataset, in archive path order,
+    with what the method did with each image (the dashboard's gallery pages through these)."""
+    predictions = where.rows(request, session, tenant, storage, job_id)
     return {"items": predictions[page.offset:page.offset + page.limit], "total": len(predictions),
             "limit": page.limit, "offset": page.offset}
 
@@ -68,11 +97,12 @@ def job_predictions(job_id: str, session: SessionDep, tenant: TenantDep, storage
 @router.get("/{job_id}/predictions/export", response_class=StreamingResponse,
             responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}},
                              "description": "every prediction: CSV `path,label,probability`, or one JSON object per line"},
-                       409: {"description": "the job has not succeeded"}})
-def export_job_predictions(job_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep,
+                       **_NOT_YET})
+def export_job_predictions(job_id: str, request: Request, session: SessionDep, tenant: TenantDep,
+                           storage: StorageDep, where: FilterDep,
                            format: Literal["csv", "jsonl"] = "csv") -> StreamingResponse:
-    """All of the job's predictions as one file (what a prediction job is for)."""
-    predictions = crud.read_job_predictions(session, tenant.id, storage, job_id)
+    """The job's predictions (all, or those the filters keep) as one file (what a prediction job is for)."""
+    predictions = where.rows(request, session, tenant, storage, job_id)
     media_type = "text/csv" if format == "csv" else "application/x-ndjson"
     return StreamingResponse(crud.job_predictions_rows(predictions, format), media_type=media_type,
                              headers={"Content-Disposition": f'attachment; filename="{job_id}-predictions.{format}"'})
