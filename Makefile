@@ -19,7 +19,7 @@ test: install
 
 # docs/screenshots/*.png, taken by the dashboard's browser test (needs Debian's chromium).
 screenshots: install
-	COFT_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/service/test_dashboard.py -k "sqlite and adapts"
+	COFT_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/service/test_dashboard.py -k adapts
 
 # The whole service on this machine: Redis (unless REDIS_URL is set), migrations, the API on
 # 127.0.0.1:8000 (PORT overrides) and one worker; Ctrl-C stops everything. Data in COFT_DATA_DIR (./data).

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     # running a job
-    "adapt": "coft.pipeline", "AdaptResult": "coft.pipeline", "LabelledImages": "coft.pipeline",
+    "adapt": "coft.pipeline", "AdaptResult": "coft.pipeline", "LabelledImages": "coft.run_images",
     "METHODS": "coft.pipeline",
     "CoFTConfig": "coft.config", "DEFAULT_TEMPLATE": "coft.config", "check_template": "coft.config",
     "Progress": "coft.progress", "ProgressCallback": "coft.progress",
@@ -65,7 +65,8 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
                            check_class_names, decode_image, normalise_class_name, open_images,
                            open_labelled_images)
     from coft.descriptions import DescriptionError, LLMEndpoint, load_descriptions, validate_descriptions
-    from coft.pipeline import METHODS, AdaptResult, LabelledImages, adapt
+    from coft.pipeline import METHODS, AdaptResult, adapt
+    from coft.run_images import LabelledImages
     from coft.progress import Progress, ProgressCallback
     from coft.proxy.tasks import TASKS as PROXY_TASKS
     from coft.proxy.tasks import ProxyTask

@@ -63,6 +63,8 @@ class Job(_Answer):
     classifier_id: str | None = None
     dataset_id: str | None = None
     class_names: list[str] = []
+    parent_job_id: str | None = None
+    labels: dict[str, str] | None = None
 
     @property
     def finished(self) -> bool:
@@ -90,10 +92,26 @@ class ImagePrediction(_Answer):
 
 
 class DatasetPrediction(_Answer):
+    index: int | None = None
     name: str
     label: str
     probability: float
     top_k: list[LabelProbability] | None = None
+    # adaptation jobs: what the method did with the image
+    zero_shot_label: str | None = None
+    s_star: bool | None = None
+    model_labels: list[str] | None = None
+    clean: list[bool] | None = None
+    given_label: str | None = None
+
+
+class WebhookDelivery(_Answer):
+    id: str
+    event: str
+    status: str
+    attempts: int
+    last_status_code: int | None = None
+    last_error: str | None = None
 
 
 class Alias(_Answer):
@@ -252,13 +270,27 @@ class _Routes:
     def cancel_job(self, job_id: str) -> Job:
         return self._call(_Call("POST", f"/v1/jobs/{job_id}/cancel", _model(Job)))
 
-    def job_predictions(self, job_id: str, limit: int = 50, offset: int = 0) -> Page[DatasetPrediction]:
-        return self._call(_Call("GET", f"/v1/jobs/{job_id}/predictions", _model(Page[DatasetPrediction]),
-                                params={"limit": limit, "offset": offset}))
+    def job_predictions(self, job_id: str, limit: int = 50, offset: int = 0, *, set: str = "all",
+                        label: str | None = None, min_probability: float = 0.0,
+                        max_probability: float = 1.0) -> Page[DatasetPrediction]:
+        """A page of the job's predictions; `set` ("s_star", "clean_model1", "rejected_model2", ...),
+        `label` and the confidence range filter them (see the API's GET /v1/jobs/{id}/predictions)."""
+        return self._call(_Call("GET", f"/v1/jobs/{job_id}/predictions", _model(Page[DatasetPrediction]), params={
+            "limit": limit, "offset": offset, **_filters(set, label, min_probability, max_probability)}))
 
-    def export_job_predictions(self, job_id: str, format: Literal["csv", "jsonl"] = "csv") -> bytes:
-        return self._call(_Call("GET", f"/v1/jobs/{job_id}/predictions/export", lambda r: r.content,
-                                params={"format": format}))
+    def export_job_predictions(self, job_id: str, format: Literal["csv", "jsonl"] = "csv", *, set: str = "all",
+                               label: str | None = None, min_probability: float = 0.0,
+                               max_probability: float = 1.0) -> bytes:
+        return self._call(_Call("GET", f"/v1/jobs/{job_id}/predictions/export", lambda r: r.content, params={
+            "format": format, **_filters(set, label, min_probability, max_probability)}))
+
+    def job_webhooks(self, job_id: str) -> list[WebhookDelivery]:
+        return self._call(_Call("GET", f"/v1/jobs/{job_id}/webhooks", _models(WebhookDelivery)))
+
+    def thumbnail(self, dataset_id: str, index: int, size: int = 128) -> bytes:
+        """A JPEG of image `index` of the dataset (a prediction's `index`), at most `size` pixels."""
+        return self._call(_Call("GET", f"/v1/datasets/{dataset_id}/images/{index}/thumbnail", lambda r: r.content,
+                                params={"size": size}))
 
     # classifiers (an alias works wherever a classifier id does, but delete)
     def get_classifier(self, classifier: str) -> ClassifierInfo:
@@ -311,6 +343,11 @@ class _Routes:
 
     def list_models(self) -> list[dict[str, Any]]:
         return self._call(_Call("GET", "/v1/models", lambda r: r.json()))
+
+
+def _filters(set: str, label: str | None, min_probability: float, max_probability: float) -> dict[str, Any]:
+    chosen = {"set": set, "label": label, "min_probability": min_probability, "max_probability": max_probability}
+    return {name: value for name, value in chosen.items() if value is not None}
 
 
 def _request_args(call: _Call) -> dict[str, Any]:

@@ -55,3 +55,11 @@ def fit(stage: str, predicted: torch.Tensor, labels: torch.Tensor, history: list
     agreement = float((predicted.cpu() == labels.cpu()).float().mean()) if len(labels) else 0.0
     final = {key: value for key, value in (history[-1] if history else {}).items() if key != "epoch"}
     return Fit(stage, agreement, int(len(labels)), final)
+
+
+def record(metrics: dict[str, Any], fit: Fit) -> None:
+    """A stage's fit into the run's metrics (`fit`), with a warning when it did not fit."""
+    metrics.setdefault("fit", {})[fit.stage] = fit.as_metrics()
+    warning = fit.warning()
+    if warning is not None:
+        metrics.setdefault("warnings", []).append(warning)

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
+from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features, template_features
 
 USER, LLM, ENSEMBLE = "user", "llm", "template-ensemble"
 MAX_SENTENCE_CHARS = 300
@@ -145,3 +145,18 @@ def description_features(backbone, resolved: ResolvedDescriptions, class_names: 
         features.append(class_text_features(backbone, [name], [s.replace("{", "{{").replace("}", "}}")
                                                                for s in resolved.sentences[name]])[0])
     return F.normalize(torch.stack(features), dim=-1)
+
+
+def initial_class_features(backbone, class_names: Sequence[str], method: str, config,
+                           descriptions: dict[str, list[str]] | None = None,
+                           llm: LLMEndpoint | None = None) -> tuple[torch.Tensor, dict[str, str | None]]:
+    """Class embeddings for the initial pseudo-labels, and where their prompts came from: given
+    descriptions in any method; for CoFT+ without them, the LLM's (else the template ensemble);
+    otherwise the configured template (or ensemble)."""
+    if descriptions is None and method != "coft+":
+        settings = config.pseudo_labels
+        return (template_features(backbone, class_names, settings),
+                {"prompt_source": "template-ensemble" if settings.ensemble else "template"})
+    resolved = resolve_descriptions(class_names, descriptions, llm, config.coft_plus.llm_descriptions_per_class)
+    return (description_features(backbone, resolved, class_names),
+            {"prompt_source": resolved.source, "prompt_fallback_reason": resolved.fallback_reason})

@@ -15,16 +15,16 @@ CoFT+ also starts from class descriptions (coft.descriptions) instead of a singl
 Optional labelled shots (semi-supervised) join S* and every S_clean with their true labels.
 
 `_adapt` is the outline; the stages themselves are coft.stages, their order and costs
-coft.schedule, their seeds coft.seeding, their checkpoints coft.checkpoints, and what the run
-reports coft.quality and coft.convergence.
+coft.schedule, their seeds coft.seeding, their checkpoints coft.checkpoints, running one of them
+coft.stage_runner, the run's images coft.run_images, and what the run reports coft.quality and
+coft.convergence. `prepare` wires those units for one run (an `Adaptation`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -35,26 +35,19 @@ from coft.checkpoints import Checkpoints, run_fingerprint
 from coft.classifier import Classifier, ImageClassifier, Predictions, zero_shot_classifier
 from coft.config import CoFTConfig
 from coft.data import check_class_names
-from coft.descriptions import LLMEndpoint, description_features, resolve_descriptions
-from coft.image_cache import CachedImages, ImageSource, cached_images, image_fingerprint
+from coft.descriptions import LLMEndpoint, initial_class_features
+from coft.image_cache import CachedImages, ImageSource
 from coft.phase1 import PromptModel
 from coft.phase2 import fresh_classifier
-from coft.progress import ProgressCallback, ProgressTracker, StageReport
-from coft.prompts import TEMPLATE_ENSEMBLE, class_text_features
+from coft.progress import ProgressCallback, ProgressTracker
+from coft.prompts import template_features
 from coft.quality import holdout_accuracies, quality_signals
+from coft.run_images import LabelledImages, RunImages
 from coft.schedule import round_top_k, rounds, stage_costs
+from coft.stage_runner import StageRunner
 from coft.stages import Filtered, FineTuned, TrainedPrompts, ZeroShot
 
 METHODS = ("zero-shot", "coft", "coft+")
-Result = TypeVar("Result")
-
-
-@dataclass
-class LabelledImages:
-    """An optional labelled holdout: used only to report true accuracy, never to train."""
-
-    images: Sequence[Image.Image] | ImageSource
-    labels: torch.Tensor  # indices into the job's class names
 
 
 @dataclass
@@ -115,57 +108,110 @@ def adapt(images: Sequence[Image.Image] | ImageSource, class_names: Sequence[str
         raise ValueError("no images to adapt on")
     config = config or CoFTConfig()
     backbone = backbone or load_backbone(model, pretrained, device)
-    run = _Run(images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation,
-               descriptions, llm, labelled_shots)
+    run = prepare(images, class_names, method, backbone, config, progress=progress, checkpoint_dir=checkpoint_dir,
+                  evaluation=evaluation, descriptions=descriptions, llm=llm, labelled_shots=labelled_shots)
     return _adapt(run)
 
 
-def _adapt(run: "_Run") -> AdaptResult:
+@dataclass
+class Adaptation:
+    """One run's inputs and the units it runs with: its images, its stage runner (checkpoints,
+    seeding, progress) and what it reports (metrics, and which images it trusted)."""
+
+    class_names: list[str]
+    method: str
+    backbone: Backbone
+    config: CoFTConfig
+    images: RunImages
+    stages: StageRunner
+    descriptions: dict[str, list[str]] | None = None
+    llm: LLMEndpoint | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    selections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # CoFT+'s rounds' S*
+
+    def source(self, which: str, backbone: Backbone | None = None) -> ImageSource:
+        """The run's images (`which` "train" or "eval") as `backbone` (default: the run's) sees them."""
+        return self.images.source(which, backbone or self.backbone, geometry_of=self.backbone)
+
+
+def prepare(images: Sequence[Image.Image] | ImageSource, class_names: list[str], method: str, backbone: Backbone,
+            config: CoFTConfig, *, progress: ProgressCallback | None = None,
+            checkpoint_dir: str | os.PathLike | None = None, evaluation: LabelledImages | None = None,
+            descriptions: dict[str, list[str]] | None = None, llm: LLMEndpoint | None = None,
+            labelled_shots: LabelledImages | None = None) -> Adaptation:
+    """The units of one run, wired: its images (U, then any shots), checkpoints keyed by everything
+    the result depends on, progress weighted by each stage's cost, and the stage runner."""
+    run_images = RunImages(images, labelled_shots=labelled_shots, evaluation=evaluation,
+                           trains=method != "zero-shot", cache_scale=config.cache_scale, threads=config.decode_threads)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(checkpoint_dir, run_fingerprint(
+            method=method, classes=class_names, config=config.to_dict(),
+            backbone=[backbone.model_id, backbone.pretrained], images=run_images.fingerprint,
+            descriptions=descriptions, shot_labels=run_images.shot_labels.tolist()))
+        run_images.cache_dir = checkpoints.images
+    tracker = ProgressTracker(progress, stage_costs(method, config, len(run_images), len(class_names),
+                                                    len(run_images.shot_labels)))
+    metrics: dict[str, Any] = {"method": method, "num_images": len(run_images), "num_classes": len(class_names)}
+    tracker.metrics = metrics
+    return Adaptation(class_names, method, backbone, config, run_images, StageRunner(tracker, config.seed, checkpoints),
+                      descriptions, llm, metrics)
+
+
+def _adapt(run: Adaptation) -> AdaptResult:
     """The method, stage by stage (each checkpointed; on a resume, loaded instead of run)."""
-    run.stage("decode", lambda report: run.decode(report))
-    zero_shot = run.stage("zero-shot", lambda report: stages.zero_shot(
-        run.backbone, run.source("train"), *run.pseudo_label_prompts(), run.config.pseudo_labels.top_k,
-        run.unlabeled, run.shot_labels, run.config.eval_batch_size, report), ZeroShot)
+    run.stages.run("decode", lambda report: _decode(run, report))
+    images, shots, unlabeled = run.source("train"), run.images.shot_labels, run.images.unlabeled
+    zero_shot = run.stages.run("zero-shot", lambda report: stages.zero_shot(
+        run.backbone, images, *initial_class_features(run.backbone, run.class_names, run.method, run.config,
+                                                      run.descriptions, run.llm),
+        run.config.pseudo_labels.top_k, unlabeled, shots, run.config.eval_batch_size, report), ZeroShot)
     if run.method == "zero-shot":
         members = zero_shot_classifier(run.backbone, run.class_names, zero_shot.text_features).members
         return _finish(run, list(members), run.backbone, zero_shot)
     prompt_models = {i: _phase1_rounds(run, i, zero_shot) for i in (1, 2)}  # model index -> its rounds
-    filtered = run.stage("filter", lambda report: stages.collaborative_filter(
-        [prompt_models[1][-1], prompt_models[2][-1]], run.backbone, run.source("train"), run.unlabeled,
-        run.shot_labels, run.config.eval_batch_size, report), Filtered)
+    filtered = run.stages.run("filter", lambda report: stages.collaborative_filter(
+        [prompt_models[1][-1], prompt_models[2][-1]], run.backbone, images, unlabeled, shots,
+        run.config.eval_batch_size, report), Filtered)
     backbone = _phase2_backbone(run)
     members = [_phase2_member(run, i, filtered, backbone) for i in (1, 2)]
     return _finish(run, members, backbone, zero_shot, filtered, prompt_models)
 
 
-def _phase1_rounds(run: "_Run", model_index: int, zero_shot: ZeroShot) -> list[PromptModel]:
+def _decode(run: Adaptation, report) -> None:
+    source = run.images.source("train", run.backbone, report)
+    if isinstance(source, CachedImages):
+        run.metrics["image_cache"] = source.cache.stats.as_metrics()
+
+
+def _phase1_rounds(run: Adaptation, model_index: int, zero_shot: ZeroShot) -> list[PromptModel]:
     """CoFT: one Phase I model on S*. CoFT+: R rounds, round r a FRESH model (the frozen CLIP, new
     prompts) on the top-K (or r*K, `coft_plus.round_top_k`) per class of round r-1's model. Only
     data carries over."""
     models: list[PromptModel] = []
-    for round_ in range(1, rounds(run.config, run.method) + 1):
+    images, config = run.source("train"), run.config
+    for round_ in range(1, rounds(config, run.method) + 1):
         stage = f"phase1-model{model_index}" + (f"-round{round_}" if round_ > 1 else "")
-        seed = seeding.round_seed(run.config.seed, model_index, round_)
+        seed = seeding.round_seed(config.seed, model_index, round_)
 
-        def train(report: StageReport, round_: int = round_, seed: int = seed) -> TrainedPrompts:
-            images = run.source("train")
+        def train(report, round_: int = round_, seed: int = seed) -> TrainedPrompts:
             if round_ == 1:
                 indices, labels = zero_shot.s_star_indices, zero_shot.s_star_labels
-                return stages.phase1(run.backbone, run.class_names, images, indices, labels, run.config, seed, report)
+                return stages.phase1(run.backbone, run.class_names, images, indices, labels, config, seed, report)
             indices, labels = stages.next_round_set(
-                models[-1], run.backbone, images, round_top_k(run.config, round_), run.unlabeled, run.shot_labels,
-                run.config.eval_batch_size, lambda f, m: report(0.1 * f, m))
-            return stages.phase1(run.backbone, run.class_names, images, indices, labels, run.config, seed,
+                models[-1], run.backbone, images, round_top_k(config, round_), run.images.unlabeled,
+                run.images.shot_labels, config.eval_batch_size, lambda f, m: report(0.1 * f, m))
+            return stages.phase1(run.backbone, run.class_names, images, indices, labels, config, seed,
                                  lambda f, m: report(0.1 + 0.9 * f, m))
 
-        trained = run.stage(stage, train, TrainedPrompts)
-        run.record_fit(convergence.fit(stage, trained.predicted, trained.labels, trained.history))
+        trained = run.stages.run(stage, train, TrainedPrompts)
+        convergence.record(run.metrics, convergence.fit(stage, trained.predicted, trained.labels, trained.history))
         prefix = f"phase1_model{model_index}" + (f"_round{round_}" if round_ > 1 else "")
         run.metrics[f"{prefix}_losses"] = trained.history
         if round_ > 1:
             run.metrics[f"s_star_model{model_index}_round{round_}_size"] = int(len(trained.indices))
             run.selections[f"s_star_model{model_index}_round{round_}"] = (trained.indices, trained.labels)
-        model = PromptModel(run.backbone, run.class_names, run.config.phase1, seed)
+        model = PromptModel(run.backbone, run.class_names, config.phase1, seed)
         model.load_state_dict(trained.state)
         models.append(model.eval())
     prompts = models[0].prompts
@@ -175,17 +221,17 @@ def _phase1_rounds(run: "_Run", model_index: int, zero_shot: ZeroShot) -> list[P
     return models
 
 
-def _phase2_backbone(run: "_Run") -> Backbone:
+def _phase2_backbone(run: Adaptation) -> Backbone:
     phase2 = run.config.phase2
     if phase2.backbone is None:
         return run.backbone
     return load_backbone(phase2.backbone, phase2.backbone_pretrained, run.backbone.device)
 
 
-def _phase2_member(run: "_Run", model_index: int, filtered: Filtered, backbone: Backbone) -> ImageClassifier:
-    text_features = run.text_features(backbone)
+def _phase2_member(run: Adaptation, model_index: int, filtered: Filtered, backbone: Backbone) -> ImageClassifier:
+    text_features = template_features(backbone, run.class_names, run.config.pseudo_labels)
     contrastive = run.method == "coft+" and run.config.coft_plus.contrastive
-    tuned = run.stage(f"phase2-model{model_index}", lambda report: stages.phase2(
+    tuned = run.stages.run(f"phase2-model{model_index}", lambda report: stages.phase2(
         backbone, run.source("train", backbone), text_features, filtered, model_index, run.config,
         seeding.phase2_seed(run.config.seed, model_index), contrastive, report), FineTuned)
     run.metrics[f"phase2_model{model_index}_losses"] = tuned.history
@@ -194,39 +240,41 @@ def _phase2_member(run: "_Run", model_index: int, filtered: Filtered, backbone: 
     return member.eval().requires_grad_(False)
 
 
-def _finish(run: "_Run", members: list[ImageClassifier], backbone: Backbone, zero_shot: ZeroShot,
+def _finish(run: Adaptation, members: list[ImageClassifier], backbone: Backbone, zero_shot: ZeroShot,
             filtered: Filtered | None = None, prompt_models: dict[int, list[PromptModel]] | None = None) -> AdaptResult:
     """The classifier, its predictions on U, each Phase II model's fit, the quality signals, and the
     holdout's accuracies when there is one."""
-    run.tracker.emit("finish", 0.0, "starting")
-    report = run.tracker.reporter("finish")
+    tracker, unlabeled, config = run.stages.tracker, run.images.unlabeled, run.config
+    tracker.emit("finish", 0.0, "starting")
+    report = tracker.reporter("finish")
     classifier = Classifier(members, run.class_names, backbone.model_cfg, backbone.preprocess_cfg)
     images = run.source("train", backbone)
     # Member by member (the ensemble is their mean): each Phase II model's fit needs its own labels.
-    by_member = [classifier.member(i).predict(images, run.config.eval_batch_size).probabilities
+    by_member = [classifier.member(i).predict(images, config.eval_batch_size).probabilities
                  for i in range(len(members))]
-    predictions = Predictions(run.class_names, torch.stack(by_member).mean(dim=0)[:run.unlabeled])
+    predictions = Predictions(run.class_names, torch.stack(by_member).mean(dim=0)[:unlabeled])
     if filtered is not None:
         for i, probabilities in enumerate(by_member, start=1):
             clean = filtered.clean[i - 1].bool()
-            run.record_fit(convergence.fit(f"phase2-model{i}", probabilities.argmax(dim=1)[clean],
-                                           filtered.labels[i - 1][clean], run.metrics[f"phase2_model{i}_losses"]))
+            convergence.record(run.metrics, convergence.fit(
+                f"phase2-model{i}", probabilities.argmax(dim=1)[clean], filtered.labels[i - 1][clean],
+                run.metrics[f"phase2_model{i}_losses"]))
     report(0.5, "predicting")
-    run.metrics.update(quality_signals(run.class_names, run.unlabeled, zero_shot, predictions, filtered,
-                                       trained=run.method != "zero-shot", shots=int(run.shot_labels.numel())))
-    if run.evaluation is not None:
+    run.metrics.update(quality_signals(run.class_names, unlabeled, zero_shot, predictions, filtered,
+                                       trained=run.method != "zero-shot", shots=int(run.images.shot_labels.numel())))
+    if run.images.evaluation is not None:
         run.metrics["accuracy"] = holdout_accuracies(
-            run.evaluation.labels.cpu(), run.backbone, run.source("eval"), zero_shot, prompt_models or {}, classifier,
-            run.source("eval", backbone), run.config.eval_batch_size)
+            run.images.evaluation.labels.cpu(), run.backbone, run.source("eval"), zero_shot, prompt_models or {},
+            classifier, run.source("eval", backbone), config.eval_batch_size)
     classifier.metadata.update({
         "method": run.method,
         "backbone": {"model": run.backbone.model_id, "pretrained": run.backbone.pretrained},
         "phase2_backbone": {"model": backbone.model_id, "pretrained": backbone.pretrained},
-        "config": run.config.to_dict(),
+        "config": config.to_dict(),
         "metrics": run.metrics,
     })
     report(1.0, "done")
-    labels = zero_shot.labels[:run.unlabeled]
+    labels = zero_shot.labels[:unlabeled]
     selections = {"zero_shot": (torch.arange(len(labels)), labels),
                   "s_star": (zero_shot.s_star_indices, zero_shot.s_star_labels)}
     if filtered is not None:
@@ -234,123 +282,3 @@ def _finish(run: "_Run", members: list[ImageClassifier], backbone: Backbone, zer
             selections[f"filter_model{i}"] = (torch.arange(len(filtered.labels[i - 1])), filtered.labels[i - 1])
             selections[f"clean_model{i}"] = filtered.clean_set(i)
     return AdaptResult(classifier, predictions, run.metrics, {**selections, **run.selections})
-
-
-class _Run:
-    """What every stage of one run shares: its inputs, its decoded images, checkpoints, progress and metrics."""
-
-    def __init__(self, images, class_names, method, backbone, config, progress, checkpoint_dir, evaluation,
-                 descriptions=None, llm=None, labelled_shots=None):
-        self.unlabeled = len(images)  # images[:unlabeled] are U; labelled shots, if any, follow
-        self.shot_labels = torch.empty(0, dtype=torch.long)
-        if labelled_shots is not None and len(labelled_shots.images):
-            if method == "zero-shot":
-                raise ValueError("labelled shots need a method that trains (coft, coft+)")
-            if isinstance(images, ImageSource) or isinstance(labelled_shots.images, ImageSource):
-                raise ValueError("labelled shots are joined to the images as PIL images, not ImageSources")
-            images = _Concat(images, labelled_shots.images)
-            self.shot_labels = labelled_shots.labels.cpu().long()
-        self.images, self.class_names, self.method = images, class_names, method
-        self.backbone, self.config, self.evaluation = backbone, config, evaluation
-        self.descriptions, self.llm = descriptions, llm
-        self.selections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CoFT+'s rounds' S*
-        self.images_fingerprint = images.fingerprint if isinstance(images, ImageSource) else image_fingerprint(images)
-        self.checkpoints = None
-        if checkpoint_dir is not None:
-            self.checkpoints = Checkpoints(checkpoint_dir, run_fingerprint(
-                method=method, classes=class_names, config=config.to_dict(),
-                backbone=[backbone.model_id, backbone.pretrained], images=self.images_fingerprint,
-                descriptions=descriptions, shot_labels=self.shot_labels.tolist()))
-        self.sources: dict[tuple, ImageSource] = {}
-        self.tracker = ProgressTracker(progress, stage_costs(method, config, len(images), len(class_names),
-                                                             len(self.shot_labels)))
-        self.metrics: dict[str, Any] = {"method": method, "num_images": len(images), "num_classes": len(class_names)}
-        self.tracker.metrics = self.metrics
-
-    def stage(self, name: str, compute: Callable[[StageReport], Result], kind: type[Result] | None = None) -> Result:
-        """Run a stage, or load its checkpoint when an earlier attempt finished it (`kind`: its result's
-        type; None: not checkpointed)."""
-        if self.checkpoints is not None and kind is not None:
-            saved = self.checkpoints.load(name, kind)
-            if saved is not None:
-                self.tracker.emit(name, 1.0, "resumed from checkpoint")
-                return saved
-        self.tracker.emit(name, 0.0, "starting")
-        with seeding.stage_randomness(self.config.seed, list(self.tracker.weights).index(name)):
-            result = compute(self.tracker.reporter(name))
-        if self.checkpoints is not None and kind is not None:
-            self.checkpoints.save(name, result)
-        self.tracker.emit(name, 1.0, "done")
-        return result
-
-    def decode(self, report: StageReport) -> None:
-        source = self.source("train", report=report)
-        if isinstance(source, CachedImages):
-            self.metrics["image_cache"] = source.cache.stats.as_metrics()
-
-    def source(self, which: str, backbone: Backbone | None = None, report: StageReport | None = None) -> ImageSource:
-        """The images (`which` "train": U, then any labelled shots; "eval": the holdout) as `backbone`
-        (default: the run's) sees them, decoded once per geometry."""
-        backbone = backbone or self.backbone
-        given = self.images if which == "train" else self.evaluation.images
-        if isinstance(given, ImageSource):
-            if backbone.preprocess_cfg != self.backbone.preprocess_cfg:
-                raise ValueError("an ImageSource serves one geometry; a Phase II backbone with other "
-                                 "preprocessing needs PIL images")
-            return given
-        key = (which, json.dumps(backbone.preprocess_cfg, sort_keys=True), str(backbone.device))
-        if key not in self.sources:
-            trains = which == "train" and self.method != "zero-shot"  # else test-time rows are all it needs
-            self.sources[key] = cached_images(
-                given, backbone.preprocess_cfg, backbone.device,
-                directory=self.checkpoints.images if self.checkpoints is not None else None,
-                train_scale=self.config.cache_scale if trains else None, threads=self.config.decode_threads,
-                report=report, fingerprint=self.images_fingerprint if which == "train" else None)
-        return self.sources[key]
-
-    def pseudo_label_prompts(self) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Class embeddings for the initial pseudo-labels, and where their prompts came from."""
-        if self.descriptions is None and self.method != "coft+":
-            source = "template-ensemble" if self.config.pseudo_labels.ensemble else "template"
-            return self.text_features(), {"prompt_source": source}
-        resolved = resolve_descriptions(self.class_names, self.descriptions, self.llm,
-                                        self.config.coft_plus.llm_descriptions_per_class)
-        return (description_features(self.backbone, resolved, self.class_names),
-                {"prompt_source": resolved.source, "prompt_fallback_reason": resolved.fallback_reason})
-
-    def text_features(self, backbone: Backbone | None = None) -> torch.Tensor:
-        """The classes' embeddings from the template (or the template ensemble)."""
-        settings = self.config.pseudo_labels
-        templates = TEMPLATE_ENSEMBLE if settings.ensemble else [settings.template]
-        return class_text_features(backbone or self.backbone, self.class_names, templates)
-
-    def record_fit(self, fit: convergence.Fit) -> None:
-        self.metrics.setdefault("fit", {})[fit.stage] = fit.as_metrics()
-        warning = fit.warning()
-        if warning is not None:
-            self.metrics.setdefault("warnings", []).append(warning)
-
-
-class _Concat(Sequence):
-    """Unlabeled images followed by labelled shots, without copying either."""
-
-    def __init__(self, first: Sequence[Image.Image], second: Sequence[Image.Image]):
-        self.first, self.second = first, second
-
-    def __len__(self) -> int:
-        return len(self.first) + len(self.second)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return self.decode(index)
-
-    def decode(self, index: int, at_least: tuple[int, int] | None = None) -> Image.Image:
-        """Image `index`, decoded at a reduced scale where the part allows it (coft.data.ImageSet)."""
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        part, offset = (self.first, index) if index < len(self.first) else (self.second, index - len(self.first))
-        decode = getattr(part, "decode", None)
-        return decode(offset, at_least) if decode is not None else part[offset]

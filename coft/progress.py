@@ -25,7 +25,13 @@ class Progress:
     eta_s: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def resumed(self) -> bool:
+        """The stage was loaded from an earlier attempt's checkpoint, not run."""
+        return self.message == RESUMED
 
+
+RESUMED = "resumed from checkpoint"
 ProgressCallback = Callable[[Progress], None]
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coft.backbone import Backbone
+from coft.config import PseudoLabelConfig
 from coft.openclip import context_length, injected_embeddings, token_embedding
 
 # Built-in template ensemble: the fallback when no class descriptions are available.
@@ -41,6 +42,11 @@ def class_text_features(backbone: Backbone, class_names: Sequence[str], template
             embedded = backbone.model.encode_text(tokens).float()
         features.append(F.normalize(F.normalize(embedded, dim=-1).mean(dim=0), dim=-1))
     return torch.stack(features)
+
+
+def template_features(backbone: Backbone, class_names: Sequence[str], settings: PseudoLabelConfig) -> torch.Tensor:
+    """The classes' embeddings from the configured template, or the built-in template ensemble."""
+    return class_text_features(backbone, class_names, TEMPLATE_ENSEMBLE if settings.ensemble else [settings.template])
 
 
 class PromptLearner(nn.Module):

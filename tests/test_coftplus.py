@@ -171,13 +171,16 @@ def test_rounds_reinitialise_and_train_on_the_previous_rounds_top_k(tiny_backbon
     # Round 2 alone, from scratch, on the same data: a fresh model, same init (the round-2 seed), same
     # data order. If round 2 had started from round 1's weights, the two would differ.
     from coft import seeding, stages
-    from coft.pipeline import _phase1_rounds, _Run
+    from coft.descriptions import initial_class_features
+    from coft.pipeline import _phase1_rounds, prepare
 
-    run = _Run(tiny_images, CLASSES, "coft+", tiny_backbone, config, None, None, None)
+    run = prepare(tiny_images, CLASSES, "coft+", tiny_backbone, config)
     round2_seed = seeding.round_seed(config.seed, 1, 2)
     fresh, _ = train_prompt_model(tiny_backbone, CLASSES, tiny_source, indices, labels, config.phase1, round2_seed)
-    zero_shot = stages.zero_shot(tiny_backbone, run.source("train"), *run.pseudo_label_prompts(),
-                                 config.pseudo_labels.top_k, run.unlabeled, run.shot_labels, 8, lambda f, m: None)
+    zero_shot = stages.zero_shot(tiny_backbone, run.source("train"),
+                                 *initial_class_features(tiny_backbone, CLASSES, "coft+", config),
+                                 config.pseudo_labels.top_k, run.images.unlabeled, run.images.shot_labels, 8,
+                                 lambda f, m: None)
     round1, round2 = _phase1_rounds(run, 1, zero_shot)
     for (name, a), b in zip(fresh.state_dict().items(), round2.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

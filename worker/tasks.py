@@ -226,7 +226,7 @@ class JobRun:
             time.sleep(self.settings.worker_progress_delay_s)
         if self.stop.is_set():
             raise Stopped()
-        if event.message == "resumed from checkpoint":  # coft's words for a stage an earlier attempt finished
+        if event.resumed:  # a stage an earlier attempt finished
             self.resumed_stages.append(event.stage)
         if event.message == "done" and event.stage_fraction >= 1.0 and self.work is not None:
             self.work.sync()  # the stage's checkpoint, into the store

@@ -2,7 +2,8 @@
 
 Those bodies can be large, so who is asking, and whether they are over their rate limit, is settled
 from the headers alone, before a byte of the body is read: an unknown key or a tenant over its
-limit costs the server one indexed query, not a spooled 2 GB upload. The routes still depend on
+limit costs the server one indexed query, not a spooled 2 GB upload (a known key, not even that:
+`KnownKeys` remembers it for COFT_API_KEY_CACHE_S). The routes still depend on
 `current_tenant` as every other route does; the gate only answers earlier.
 
 Rate limits are per tenant and per kind of request ("uploads", "predict"), counted with the
@@ -21,8 +22,7 @@ import time
 import anyio
 from limits import parse_many, storage, strategies
 
-from app.core.auth import tenant_for_key
-from app.core.db import session_factory
+from app.core.auth import KnownKeys
 from app.api.errors import problem_response
 from app.core.settings import Settings
 
@@ -75,6 +75,7 @@ class FileRouteGate:
 
     def __init__(self, app, settings: Settings, rate_limits: RateLimits):
         self.app, self.settings, self.rate_limits = app, settings, rate_limits
+        self.keys = KnownKeys(settings.database_url, settings.api_key_cache_s)
 
     async def __call__(self, scope, receive, send) -> None:
         bucket = bucket_for(scope["method"], scope["path"]) if scope["type"] == "http" else None
@@ -94,11 +95,7 @@ class FileRouteGate:
             return None, problem_response(401, "unauthorized", "Unauthorized",
                                           "send an API key as `Authorization: Bearer KEY`", path,
                                           {"WWW-Authenticate": "Bearer"})
-        session = session_factory(self.settings.database_url)()
-        try:
-            tenant = tenant_for_key(session, key)
-        finally:
-            session.close()
+        tenant = self.keys.tenant(key)
         if tenant is None:
             return None, problem_response(401, "unauthorized", "Unauthorized", "unknown API key", path,
                                           {"WWW-Authenticate": "Bearer"})

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.db import session_factory
 from app.core.models import ApiKey, Tenant
 
 KEY_PREFIX = "coft_"
@@ -55,3 +58,31 @@ def ensure_key(session: Session, tenant_name: str, key: str) -> None:
 def tenant_for_key(session: Session, key: str) -> Tenant | None:
     api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     return None if api_key is None else session.get(Tenant, api_key.tenant_id)
+
+
+class KnownKeys:
+    """Which tenant each key belongs to, remembered for `ttl_s` seconds: the hot routes (predict,
+    uploads) look their key up on every request, and a known key's tenant does not change. Unknown
+    keys are never remembered, so a key created a moment ago works at once."""
+
+    def __init__(self, database_url: str, ttl_s: float, max_keys: int = 10_000):
+        self.database_url, self.ttl_s, self.max_keys = database_url, ttl_s, max_keys
+        self._known: dict[str, tuple[Tenant, float]] = {}  # key hash -> (tenant, valid until)
+        self._lock = threading.Lock()
+
+    def tenant(self, key: str) -> Tenant | None:
+        digest, now = hash_key(key), time.monotonic()
+        known = self._known.get(digest)
+        if known is not None and known[1] > now:
+            return known[0]
+        session = session_factory(self.database_url)()
+        try:
+            tenant = tenant_for_key(session, key)
+        finally:
+            session.close()  # the tenant stays readable, detached: only its columns are used
+        if tenant is not None and self.ttl_s > 0:
+            with self._lock:
+                if len(self._known) >= self.max_keys:
+                    self._known.clear()
+                self._known[digest] = (tenant, now + self.ttl_s)
+        return tenant

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # Counted in Redis when REDIS_URL is set (shared by every API process), else in this process.
     rate_limit_uploads: str = "60/minute"  # POST /v1/datasets
     rate_limit_predict: str = "6000/minute"  # classifier and zero-shot predict requests
+    # How long the gate of those routes remembers which tenant a key belongs to (0: ask the database each time).
+    api_key_cache_s: float = Field(30.0, ge=0)
 
     # Jobs
     default_model: str = "proxy"

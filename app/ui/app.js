@@ -217,10 +217,13 @@ function dashboard() {
       return search.toString();
     },
 
-    async loadGallery() {
+    async loadGallery(offset = this.gallery.offset) {
       const g = this.gallery;
+      const asked = (g.asked = (g.asked || 0) + 1); // filters changed quickly: only the last answer counts
       const page = await this.json(`/v1/jobs/${this.job.id}/predictions?${this.query({
-        set: g.set, label: g.label, offset: g.offset, limit: GALLERY_PAGE })}`);
+        set: g.set, label: g.label, offset, limit: GALLERY_PAGE })}`);
+      if (asked !== g.asked) return;
+      g.offset = offset;
       g.items = page.items;
       g.total = page.total;
       for (const item of page.items) this.loadThumbnail(item.index);
@@ -233,15 +236,12 @@ function dashboard() {
     },
 
     galleryFilter() {
-      this.gallery.offset = 0;
-      this.loadGallery();
+      this.loadGallery(0);
     },
 
     galleryPage(step) {
       const offset = this.gallery.offset + step * GALLERY_PAGE;
-      if (offset < 0 || offset >= this.gallery.total) return;
-      this.gallery.offset = offset;
-      this.loadGallery();
+      if (offset >= 0 && offset < this.gallery.total) this.loadGallery(offset);
     },
 
     caption(item) {
@@ -283,23 +283,23 @@ function dashboard() {
       return { label: t.label, min_probability: t.min, max_probability: t.max };
     },
 
-    async loadTable() {
+    async loadTable(offset = this.table.offset) {
+      const asked = (this.table.asked = (this.table.asked || 0) + 1);
       const page = await this.json(`/v1/jobs/${this.job.id}/predictions?${this.query({
-        ...this.tableParams(), offset: this.table.offset, limit: TABLE_PAGE })}`);
+        ...this.tableParams(), offset, limit: TABLE_PAGE })}`);
+      if (asked !== this.table.asked) return;
+      this.table.offset = offset;
       this.table.items = page.items;
       this.table.total = page.total;
     },
 
     tableFilter() {
-      this.table.offset = 0;
-      this.loadTable();
+      this.loadTable(0);
     },
 
     tablePage(step) {
       const offset = this.table.offset + step * TABLE_PAGE;
-      if (offset < 0 || offset >= this.table.total) return;
-      this.table.offset = offset;
-      this.loadTable();
+      if (offset >= 0 && offset < this.table.total) this.loadTable(offset);
     },
 
     async exportCsv() {

@@ -313,7 +313,8 @@ def stacks(redis_server, models_dir, tmp_path_factory, request):
 
 def pytest_generate_tests(metafunc):
     if "stack" in metafunc.fixturenames:
-        backends = BACKENDS if metafunc.definition.get_closest_marker("store") else DATABASE_BACKENDS
+        marker = metafunc.definition.get_closest_marker
+        backends = BACKENDS if marker("store") else ["sqlite"] if marker("browser") else DATABASE_BACKENDS
         metafunc.parametrize("stack", backends, indirect=True)
 
 

@@ -43,6 +43,13 @@ def test_the_story_through_the_client(worker_stack, client, tmp_path, capsys):
     assert (first.name, first.label) == ("img000.png", prediction.label)
     rows = list(csv.reader(io.StringIO(client.export_job_predictions(done.id).decode())))
     assert len(rows) == 13
+    s_star = client.job_predictions(done.id, set="s_star", limit=200)
+    assert s_star.total == done.metrics["s_star_size"] and all(p.s_star and p.zero_shot_label for p in s_star.items)
+    mine = client.job_predictions(done.id, label=first.label, min_probability=first.probability)
+    assert first.name in [p.name for p in mine.items] and all(p.label == first.label for p in mine.items)
+    assert client.export_job_predictions(done.id, label="nothing-is-this").decode() == "path,label,probability\n"
+    assert client.thumbnail(dataset.id, first.index, size=16)[:2] == b"\xff\xd8"  # a JPEG
+    assert client.job_webhooks(done.id) == []
 
     assert client.set_alias("production", done.classifier_id).classifier_id == done.classifier_id
     assert client.get_classifier("production").id == done.classifier_id

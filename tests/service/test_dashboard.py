@@ -23,6 +23,7 @@ from tests.service.helpers import TINY_CONFIG, wait_for
 CONFIG = {**TINY_CONFIG, "phase1": {**TINY_CONFIG["phase1"], "epochs": 4}, "phase2": {"epochs": 3, "batch_size": 8}}
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.browser
 # Flags for a closed network: no background connections that the machine would refuse.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -187,10 +188,24 @@ def test_a_user_adapts_reviews_corrects_and_retrains_in_the_browser(browser, wor
     page.click("#parent-link")
     page.locator("#job h2", has_text=job_id).wait_for()
 
-    # The jobs list shows both, finished.
+    # A long job, cancelled from its page while it runs.
+    page.goto(f"{stack.base_url}/ui/#/datasets")
+    page.fill("textarea[name=class-names]", ", ".join(classes))
+    page.select_option("select[name=dataset]", dataset["id"])
+    page.locator("#job-form details").evaluate("details => { details.open = true; }")
+    page.fill("textarea[name=config]", json.dumps({**CONFIG, "phase1": {**CONFIG["phase1"], "epochs": 500}}))
+    page.click("#job-form button[type=submit]")
+    page.wait_for_url(lambda url: "/jobs/job_" in url and child_id not in url)
+    page.locator("#job-status", has_text="running").wait_for()
+    page.click("#cancel-job")
+    page.locator("#job-status", has_text="cancelled").wait_for(timeout=30_000)
+    assert page.locator("#cancel-job").is_hidden()
+
+    # The jobs list shows all three, finished.
     page.goto(f"{stack.base_url}/ui/#/jobs")
-    page.locator("#job-table tbody tr").nth(1).wait_for()
-    assert page.locator("#job-table").inner_text().count("succeeded") == 2
+    page.locator("#job-table tbody tr").nth(2).wait_for()
+    table = page.locator("#job-table").inner_text()
+    assert table.count("succeeded") == 2 and table.count("cancelled") == 1
     page.screenshot(path=str(screenshots / "jobs.png"), full_page=True)
     assert problems == []
 

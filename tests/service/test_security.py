@@ -214,3 +214,23 @@ def test_no_server_side_fetching_of_user_urls(stack, api):
     listener.socket.close()
     assert listener.connections == 0
     assert api.get("/v1/jobs").json()["total"] == 0
+
+
+def test_the_gate_remembers_known_keys_for_a_while_and_unknown_keys_never(stack):
+    from sqlalchemy import delete
+
+    from app.core.auth import KnownKeys, create_key, hash_key
+    from app.core.db import session_scope
+    from app.core.models import ApiKey
+
+    remembering, asking = KnownKeys(stack.database_url, ttl_s=60), KnownKeys(stack.database_url, ttl_s=0)
+    key = "coft_" + os.urandom(20).hex()
+    assert remembering.tenant(key) is None  # unknown: not remembered ...
+    with session_scope(stack.database_url) as session:
+        create_key(session, "later", key)
+    tenant = remembering.tenant(key)  # ... so a key created a moment later works at once
+    assert tenant is not None and tenant.name == "later" and asking.tenant(key).id == tenant.id
+    with session_scope(stack.database_url) as session:
+        session.execute(delete(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    assert remembering.tenant(key).id == tenant.id  # within its TTL, from memory: no query
+    assert asking.tenant(key) is None  # COFT_API_KEY_CACHE_S=0 asks the database every time
