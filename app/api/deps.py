@@ -17,12 +17,14 @@ from app.core.settings import Settings
 from app.core.storage import Storage
 
 
-def get_settings(request: Request) -> Settings:
+# These two are `async` only so that FastAPI calls them on the event loop: a sync dependency costs a
+# trip to the thread pool, on every request.
+async def get_settings(request: Request) -> Settings:
     # Per app, not the process-wide singleton: tests run two apps (SQLite, PostgreSQL) side by side.
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 

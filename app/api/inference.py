@@ -82,10 +82,12 @@ class ServedClassifier:
                    Batcher(classifier.probabilities, settings.predict_max_batch, settings.predict_max_wait_ms,
                            name=name, on_batch=on_batch))
 
-    async def predict(self, image_set: ImageSet) -> Predictions:
-        """Transform the images in a worker thread (the event loop stays free), then join a batch."""
-        pixels = await anyio.to_thread.run_sync(
-            lambda: torch.stack([self.transform(image_set[i]) for i in range(len(image_set))]))
+    def pixels(self, image_set: ImageSet) -> torch.Tensor:
+        """The model's inputs for the images (CPU work: call it off the event loop)."""
+        return torch.stack([self.transform(image_set[i]) for i in range(len(image_set))])
+
+    async def predict(self, pixels: torch.Tensor) -> Predictions:
+        """Join a batch with other requests' images (`pixels()` of them)."""
         try:
             probabilities = await asyncio.wrap_future(self.batcher.submit(pixels))
         except BatcherClosed:  # the model left the cache while this request held it: run it alone

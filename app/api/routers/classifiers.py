@@ -6,6 +6,7 @@ import os
 from typing import Annotated, Literal
 
 import anyio
+import torch
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
@@ -62,6 +63,7 @@ async def predict(artifact_key: Annotated[str, Depends(owned_artifact_key)], req
     Concurrent requests for one classifier share forward passes (COFT_PREDICT_MAX_BATCH images,
     waiting at most COFT_PREDICT_MAX_WAIT_MS for a batch to fill)."""
     metrics = request.app.state.metrics
+    payload = await huggingface.read_hf_request(request) if huggingface.is_hf_request(request) else None
 
     def load() -> ServedClassifier:
         with storage.local_dir(artifact_key) as path:
@@ -69,14 +71,18 @@ async def predict(artifact_key: Annotated[str, Depends(owned_artifact_key)], req
         return ServedClassifier.start(classifier, settings, name=artifact_key,
                                       on_batch=metrics.forward_batch.labels("classifier").observe)
 
-    payload = await huggingface.read_hf_request(request) if huggingface.is_hf_request(request) else None
-    if payload is not None:
-        image_set = await anyio.to_thread.run_sync(decode_images, huggingface.hf_images(payload), settings)
-    else:
-        image_set = await anyio.to_thread.run_sync(read_images, images or [], settings)
-    served = await anyio.to_thread.run_sync(request.app.state.classifiers.get, artifact_key, load)
-    metrics.predict_batch.labels("classifier").observe(len(image_set))
-    predictions = await served.predict(image_set)
+    def prepare() -> tuple[ServedClassifier, torch.Tensor]:
+        """Decode, load the model (once: it is cached) and transform, in one trip off the event loop."""
+        if payload is not None:
+            image_set = decode_images(huggingface.hf_images(payload), settings)
+        else:
+            image_set = read_images(images or [], settings)
+        served = request.app.state.classifiers.get(artifact_key, load)
+        return served, served.pixels(image_set)
+
+    served, pixels = await anyio.to_thread.run_sync(prepare)
+    metrics.predict_batch.labels("classifier").observe(len(pixels))
+    predictions = await served.predict(pixels)
     if payload is not None:
         return JSONResponse(huggingface.hf_answer(payload, predictions))
     return PredictResponse(predictions=prediction_items(images, predictions, top_k))

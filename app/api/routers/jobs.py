@@ -84,7 +84,10 @@ FilterDep = Annotated[PredictionFilter, Depends()]
 _NOT_YET = {409: {"description": "the job has not succeeded (or `set` needs an adaptation job)"}}
 
 
-@router.get("/{job_id}/predictions", response_model=Page[DatasetPrediction], responses=_NOT_YET)
+# Fields a job does not have (top_k for an adaptation job, the review for a prediction job) are left
+# out, as in the export's lines.
+@router.get("/{job_id}/predictions", response_model=Page[DatasetPrediction], response_model_exclude_none=True,
+            responses=_NOT_YET)
 def job_predictions(job_id: str, request: Request, session: SessionDep, tenant: TenantDep, storage: StorageDep,
                     page: PageDep, where: FilterDep) -> dict:
     """The adapted classifier's label for every image of the job's dataset, in archive path order,
