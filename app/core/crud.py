@@ -401,7 +401,10 @@ def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job
 
     def load() -> list[dict]:
         with storage.open(job_predictions(job_id)) as handle:
-            return json.load(handle)
+            rows = json.load(handle)
+        for index, row in enumerate(rows):  # in dataset order: jobs from before `index` was stored
+            row.setdefault("index", index)
+        return rows
     return load() if cached is None else cached(job_id, load)
 
 
@@ -422,7 +425,8 @@ def filter_predictions(rows: list[dict], set_name: str = "all", label: str | Non
                        min_probability: float = 0.0, max_probability: float = 1.0) -> list[dict]:
     """The rows of one review set (REVIEW_SETS), of one class and within a confidence range."""
     if set_name != "all" and rows and "s_star" not in rows[0]:
-        raise Conflict("no-review", f"set {set_name!r} needs an adaptation job; a prediction job has only `all`",
+        raise Conflict("no-review", f"set {set_name!r} needs what an adaptation job records about each image; "
+                       "this job has only `all` (a prediction job, or one from before the service recorded it)",
                        "Nothing to review")
     member = REVIEW_SETS[set_name]
     kept = []

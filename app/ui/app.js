@@ -175,6 +175,8 @@ function dashboard() {
 
     async openJob(id) {
       this.job = null;
+      for (const url of Object.values(this.thumbs)) URL.revokeObjectURL(url);
+      this.thumbs = {};
       this.corrections = {};
       this.gallery = { set: "s_star", label: "", offset: 0, total: 0, items: [] };
       this.table = { label: "", min: 0, max: 1, offset: 0, total: 0, items: [] };
@@ -230,7 +232,7 @@ function dashboard() {
     },
 
     async loadThumbnail(index) {
-      if (index === null || this.thumbs[index]) return;
+      if (index === null || index === undefined || this.thumbs[index]) return;
       const response = await this.api(`/v1/datasets/${this.job.dataset_id}/images/${index}/thumbnail?size=128`);
       this.thumbs[index] = URL.createObjectURL(await response.blob());
     },
