@@ -93,6 +93,8 @@ def test_a_user_adapts_reviews_corrects_and_retrains_in_the_browser(browser, wor
     page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda message: problems.append(message.text) if "Content Security Policy" in message.text
+            else None)  # the page's own headers must not block what it does
 
     # The key, entered once, is kept for the tab: a reload does not ask again.
     page.goto(f"{stack.base_url}/ui/")
@@ -212,7 +214,9 @@ def test_a_user_adapts_reviews_corrects_and_retrains_in_the_browser(browser, wor
 
 def test_the_dashboard_asks_for_a_key_again_when_it_is_wrong(browser, stack):
     page = browser.new_page()
-    page.goto(f"{stack.base_url}/ui/")
+    answer = page.goto(f"{stack.base_url}/ui/")
+    assert "script-src 'self' 'unsafe-eval'" in answer.headers["content-security-policy"]
+    assert answer.headers["x-content-type-options"] == "nosniff"
     assert page.locator("#datasets").is_hidden()
     page.fill("input[name=api-key]", "not-a-key")
     page.click("#key-form button")
