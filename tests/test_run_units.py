@@ -62,6 +62,54 @@ def test_stage_randomness_is_reproducible_and_leaves_the_caller_alone():
         assert not torch.equal(torch.rand(3), first)
 
 
+# --------------------------------------------------------------------------- running a stage
+
+
+def test_a_stage_runs_once_under_its_own_seed_and_an_interrupted_run_loads_it(tmp_path):
+    from coft.progress import ProgressTracker
+    from coft.stage_runner import StageRunner
+
+    costs = {"decode": 1.0, "phase2-model1": 1.0}
+    calls, events = [], []
+
+    def runner() -> StageRunner:
+        checkpoints = Checkpoints(tmp_path, run_fingerprint(method="coft", images="abc"))
+        return StageRunner(ProgressTracker(events.append, costs), seed=3, checkpoints=checkpoints)
+
+    def train(report) -> FineTuned:
+        calls.append(torch.rand(2))
+        report(0.5, "half")
+        return FineTuned({"w": calls[-1]}, [])
+
+    first = runner().run("phase2-model1", train, FineTuned)
+    with seeding.stage_randomness(3, 1):  # the stage's position in the run, under the run's seed
+        assert torch.equal(calls[0], torch.rand(2))
+    assert [(e.stage, e.message) for e in events] == [("phase2-model1", "starting"), ("phase2-model1", "half"),
+                                                     ("phase2-model1", "done")]
+    events.clear()
+    again = runner().run("phase2-model1", train, FineTuned)  # a new attempt, same checkpoints
+    assert len(calls) == 1 and torch.equal(again.state["w"], first.state["w"])
+    assert [e.resumed for e in events] == [True]
+    runner().run("decode", lambda report: calls.append(None))  # not checkpointed: runs every time
+    runner().run("decode", lambda report: calls.append(None))
+    assert len(calls) == 3
+
+
+# --------------------------------------------------------------------------- a run's images
+
+
+def test_a_runs_images_are_u_then_the_shots_and_zero_shot_refuses_shots(tiny_images):
+    from coft.run_images import LabelledImages, RunImages
+
+    shots = LabelledImages(tiny_images[:2], torch.tensor([1, 0]))
+    images = RunImages(tiny_images[2:6], labelled_shots=shots)
+    assert (images.unlabeled, len(images), images.shot_labels.tolist()) == (4, 6, [1, 0])
+    assert images.train[4].tobytes() == tiny_images[0].tobytes()
+    assert images.fingerprint != RunImages(tiny_images[2:6]).fingerprint  # the shots are part of the input
+    with pytest.raises(ValueError, match="need a method that trains"):
+        RunImages(tiny_images[2:6], labelled_shots=shots, trains=False)
+
+
 # --------------------------------------------------------------------------- schedule
 
 
