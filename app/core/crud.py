@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from celery import Celery
 from sqlalchemy import func, or_, select, update
@@ -408,30 +408,37 @@ def read_job_predictions(session: Session, tenant_id: str, storage: Storage, job
     return load() if cached is None else cached(job_id, load)
 
 
-# Which images each `set` holds, and which of their labels `label` filters on: the set's own label
-# (the zero-shot label for S*, model i's label for its clean and rejected sets, the final one for all).
-REVIEW_SETS: dict[str, Callable[[dict], tuple[bool, str | None]]] = {
-    "all": lambda row: (True, row["label"]),
-    "s_star": lambda row: (row["s_star"], row["zero_shot_label"]),
-    **{f"{kind}_model{i}": (lambda row, i=i, kept=kind == "clean": (
-        len(row["model_labels"]) >= i and row["clean"][i - 1] == kept,
-        row["model_labels"][i - 1] if len(row["model_labels"]) >= i else None))
-       for i in (1, 2) for kind in ("clean", "rejected")},
-    "labelled": lambda row: (row.get("given_label") is not None, row.get("given_label")),
-}
+# What the method did with each image, as sets of a job's predictions (the dashboard's gallery).
+ReviewSet = Literal["all", "s_star", "clean_model1", "clean_model2", "rejected_model1", "rejected_model2",
+                    "labelled"]
 
 
-def filter_predictions(rows: list[dict], set_name: str = "all", label: str | None = None,
+def _in_set(row: dict, set_name: str) -> tuple[bool, str | None]:
+    """Whether a prediction row is in a review set, and the label it has there: the zero-shot label
+    in S*, model i's label in its clean and rejected sets, the given one when labelled, else the final."""
+    if set_name == "all":
+        return True, row["label"]
+    if set_name == "s_star":
+        return row["s_star"], row["zero_shot_label"]
+    if set_name == "labelled":
+        return row.get("given_label") is not None, row.get("given_label")
+    kind, _, model = set_name.partition("_model")  # "rejected_model2" -> ("rejected", "2")
+    i = int(model) - 1
+    if i >= len(row["model_labels"]):  # a zero-shot job: no Phase I models
+        return False, None
+    return row["clean"][i] == (kind == "clean"), row["model_labels"][i]
+
+
+def filter_predictions(rows: list[dict], set_name: ReviewSet = "all", label: str | None = None,
                        min_probability: float = 0.0, max_probability: float = 1.0) -> list[dict]:
-    """The rows of one review set (REVIEW_SETS), of one class and within a confidence range."""
+    """The rows of one review set, of one class (by the set's label) and within a confidence range."""
     if set_name != "all" and rows and "s_star" not in rows[0]:
         raise Conflict("no-review", f"set {set_name!r} needs what an adaptation job records about each image; "
                        "this job has only `all` (a prediction job, or one from before the service recorded it)",
                        "Nothing to review")
-    member = REVIEW_SETS[set_name]
     kept = []
     for row in rows:
-        inside, its_label = member(row)
+        inside, its_label = _in_set(row, set_name)
         if inside and (label is None or its_label == label) and min_probability <= row["probability"] <= max_probability:
             kept.append(row)
     return kept

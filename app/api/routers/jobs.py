@@ -56,15 +56,11 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> Job:
     return crud.cancel_job(session, tenant.id, job_id)
 
 
-ReviewSet = Literal["all", "s_star", "clean_model1", "clean_model2", "rejected_model1", "rejected_model2",
-                    "labelled"]
-
-
 @dataclass
 class PredictionFilter:
     """Which predictions to list: one set of what the method did, one class, a confidence range."""
 
-    set: Annotated[ReviewSet, Query(description=(
+    set: Annotated[crud.ReviewSet, Query(description=(
         "`all`; `s_star` (Phase I's training set); `clean_model1|2` (what the other model accepted of model "
         "i's labels: its Phase II set); `rejected_model1|2` (what it did not); `labelled` (the labels given "
         "to the job)"))] = "all"
