@@ -8,12 +8,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.pagination import PageDep, newest_first
 from app.api.schemas import DatasetPrediction, JobCreate, JobOut, JobStatusName, Page, WebhookDeliveryOut
 from app.core import crud, webhooks
-from app.core.models import Job, JobStatus
+from app.core.models import Job, JobStatus, Tenant
+from app.core.storage import Storage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -70,7 +72,7 @@ class PredictionFilter:
     min_probability: Annotated[float, Query(ge=0, le=1, description="final confidence at least")] = 0.0
     max_probability: Annotated[float, Query(ge=0, le=1, description="final confidence at most")] = 1.0
 
-    def rows(self, request: Request, session, tenant, storage, job_id: str) -> list[dict]:
+    def rows(self, request: Request, session: Session, tenant: Tenant, storage: Storage, job_id: str) -> list[dict]:
         predictions = crud.read_job_predictions(session, tenant.id, storage, job_id,
                                                 cached=request.app.state.job_predictions.get)
         return crud.filter_predictions(predictions, self.set, self.label, self.min_probability, self.max_probability)
