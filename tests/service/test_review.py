@@ -20,7 +20,6 @@ def _all(api, job_id: str, **params) -> list[dict]:
     return page.json()["items"]
 
 
-@pytest.mark.store
 def test_the_predictions_say_which_images_each_model_trusted_and_filter_by_set_class_and_confidence(worker_stack, api):
     dataset_id = upload(api, image_zip(20))
     labels = {"img003.png": "dog"}
