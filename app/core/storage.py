@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -189,7 +190,7 @@ class LocalCache:
             os.utime(path)  # recently used
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # racing threads too
         try:
             download(temporary)
             os.replace(temporary, path)
@@ -249,7 +250,10 @@ class S3Storage:
 
     @contextmanager
     def local_file(self, key: str) -> Iterator[Path]:
-        yield self.cache.fetch(key, lambda path: self.client.download_file(
+        yield self._cached(key)
+
+    def _cached(self, key: str) -> Path:
+        return self.cache.fetch(key, lambda path: self.client.download_file(
             self.bucket, self._key(key), str(path), Config=self.transfer))
 
     @contextmanager
@@ -261,8 +265,9 @@ class S3Storage:
             root = Path(directory)
             for name in names:
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(self.bucket, f"{self._key(key)}/{name}", str(root / name),
-                                          Config=self.transfer)
+                # Through the cache (a dataset's parts, a classifier's files are write-once keys), then
+                # linked: the cache may evict its copy while this block still reads the link.
+                os.link(self._cached(f"{key}/{name}"), root / name)
             yield root
 
     @contextmanager

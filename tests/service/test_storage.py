@@ -134,6 +134,27 @@ def test_the_local_cache_keeps_the_most_recently_used_within_its_bound(tmp_path)
     assert cache.path("datasets/ds_3/archive").exists()  # the two newest stay, the rest went
 
 
+def test_an_s3_directory_is_downloaded_once_and_stays_whole_while_it_is_read(s3_server, tmp_path):
+    """A dataset's parts and a classifier's files go through the bounded cache (they are write-once
+    keys), and the block reads every file whole even when the cache cannot hold them all."""
+    bucket = s3_server.new_bucket()
+    client = s3_server.client()
+    storage = S3Storage(bucket, "prefix", LocalCache(tmp_path / "cache", max_bytes=1500), client=client)
+    parts = {f"p{i}.zip": bytes([i]) * 1000 for i in range(3)}
+    storage.put_dir("datasets/ds_a/parts", directory(tmp_path / "parts", parts))
+    with storage.local_dir("datasets/ds_a/parts") as folder:
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == parts
+    cached = [p for p in (tmp_path / "cache" / "objects").glob("*/*")]
+    assert sum(p.stat().st_size for p in cached) <= 1500  # the cache kept its bound
+    roomy = S3Storage(bucket, "prefix", LocalCache(tmp_path / "roomy", max_bytes=2**20), client=client)
+    with roomy.local_dir("datasets/ds_a/parts") as folder:
+        assert (folder / "p1.zip").read_bytes() == parts["p1.zip"]
+    # Changed behind the store's back (never done to a real key): the second read is the cache's copy.
+    client.put_object(Bucket=bucket, Key="prefix/datasets/ds_a/parts/p1.zip", Body=b"changed")
+    with roomy.local_dir("datasets/ds_a/parts") as folder:
+        assert (folder / "p1.zip").read_bytes() == parts["p1.zip"]
+
+
 def test_the_settings_choose_the_backend(tmp_path, s3_server):
     assert isinstance(get_storage(Settings(_env_file=None, data_dir=tmp_path)), LocalStorage)
     storage = get_storage(Settings(_env_file=None, data_dir=tmp_path, storage_url=f"s3://{s3_server.new_bucket()}/p",
