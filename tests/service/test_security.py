@@ -172,6 +172,30 @@ def test_rate_limits_per_tenant_shared_across_api_processes(stack):
             server.stop()
 
 
+def test_a_lost_rate_limiter_lets_requests_through(stack):
+    """Redis gone (nothing listens) or hung (it accepts and never answers): the gate serves the
+    request rather than fail it, within the limiter's timeout."""
+    from app.api.gate import LIMITER_TIMEOUT_S
+
+    hung = socket.create_server(("127.0.0.1", 0), backlog=64)  # the kernel accepts; nobody answers
+    refused = free_port()
+    try:
+        for redis_url in (f"redis://127.0.0.1:{refused}/0", f"redis://127.0.0.1:{hung.getsockname()[1]}/0"):
+            server = ServerThread(create_app(stack.settings.model_copy(update={"redis_url": redis_url})))
+            server.start()
+            try:
+                client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30,
+                                      headers={"Authorization": f"Bearer {stack.new_key()}"})
+                response = client.post("/v1/zero-shot/predict", data={"class_names": ["a", "b"], "model": TINY_MODEL},
+                                       files=[("images", ("x.png", png(1)))])
+                assert response.status_code == 200, (redis_url, response.text)
+                assert response.elapsed.total_seconds() < 2 * LIMITER_TIMEOUT_S + 10
+            finally:
+                server.stop()
+    finally:
+        hung.close()
+
+
 class Listener:
     """A TCP port that counts who connects: a server-side fetch of a URL naming it would show here."""
 
