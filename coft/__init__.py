@@ -24,7 +24,7 @@ _EXPORTS = {
     "Progress": "coft.progress", "ProgressCallback": "coft.progress",
     # images in, with the same checks for uploads, folders and predict requests
     "open_images": "coft.data", "open_labelled_images": "coft.data", "decode_image": "coft.data",
-    "ImageSet": "coft.data", "LabelledImageSet": "coft.data", "RejectedFile": "coft.data",
+    "ImageSet": "coft.data", "ArchiveIndex": "coft.data", "LabelledImageSet": "coft.data", "RejectedFile": "coft.data",
     "DataLimits": "coft.data", "DataError": "coft.data", "normalise_class_name": "coft.data",
     "check_class_names": "coft.data", "MAX_CLASSES": "coft.data",
     # the artifact every method writes
@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
     from coft.classifier import Classifier, Predictions, zero_shot_classifier
     from coft.export import export_onnx
     from coft.config import DEFAULT_TEMPLATE, CoFTConfig, check_template
-    from coft.data import (MAX_CLASSES, DataError, DataLimits, ImageSet, LabelledImageSet, RejectedFile,
+    from coft.data import (MAX_CLASSES, ArchiveIndex, DataError, DataLimits, ImageSet, LabelledImageSet, RejectedFile,
                            check_class_names, decode_image, normalise_class_name, open_images,
                            open_labelled_images)
     from coft.descriptions import DescriptionError, LLMEndpoint, load_descriptions, validate_descriptions

@@ -19,6 +19,7 @@ import os
 import posixpath
 import stat
 import tarfile
+import threading
 import unicodedata
 import zipfile
 import zlib
@@ -180,6 +181,53 @@ def open_images(source: str | os.PathLike | bytes | BinaryIO | Sequence[str | os
     for one in (source if isinstance(source, (list, tuple)) else [source]):
         _collect(one, collector)
     return collector.image_set(verify)
+
+
+class ArchiveIndex:
+    """The images of stored archives (a dataset's one archive, or its parts), by position, read one
+    at a time: `open_images`' order and names, but what stays in memory is each archive's directory,
+    not its bytes. For the few images a viewer asks for (the dashboard's thumbnails), where opening
+    the set again would read the whole archive for each one.
+
+    A zip and a plain tar are read at the member's offset; a compressed tar has none, so each read
+    decompresses up to its member. Reads are serialised (tarfile is not thread-safe).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], *, limits: DataLimits = DataLimits()):
+        self.names = open_images(list(paths), limits=limits, verify=False).names  # its bytes are dropped here
+        self._limits = limits
+        self._archives: list[zipfile.ZipFile | tarfile.TarFile] = []
+        self._members: dict[str, tuple[zipfile.ZipFile | tarfile.TarFile, zipfile.ZipInfo | tarfile.TarInfo]] = {}
+        self._lock = threading.Lock()
+        for path in paths:
+            archive = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else tarfile.open(path, "r:*")
+            self._archives.append(archive)
+            entries = archive.infolist() if isinstance(archive, zipfile.ZipFile) else archive.getmembers()
+            for entry in entries:  # the first of a repeated path is the one open_images kept
+                self._members.setdefault(_member_path(entry.filename if isinstance(entry, zipfile.ZipInfo)
+                                                      else entry.name), (archive, entry))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def decode(self, i: int, at_least: tuple[int, int] | None = None) -> Image.Image:
+        """Image i in RGB, as `ImageSet.decode` gives it."""
+        name = self.names[operator.index(i)]
+        archive, entry = self._members[name]
+        with self._lock:
+            if isinstance(archive, zipfile.ZipFile):
+                with archive.open(entry) as member:
+                    data = member.read(self._limits.max_file_bytes + 1)
+            else:
+                data = archive.extractfile(entry).read(self._limits.max_file_bytes + 1)
+        try:
+            return _decode(data, self._limits, at_least)
+        except _Unusable as e:
+            raise OSError(f"{name}: {e.reason} (changed since it was opened?)") from None
+
+    def close(self) -> None:
+        for archive in self._archives:
+            archive.close()
 
 
 def _collect(source: str | os.PathLike | bytes | BinaryIO, collector: "_Collector") -> None:

@@ -419,3 +419,24 @@ def test_parts_without_one_usable_image_are_refused_together(tmp_path):
     good = tmp_path / "good.zip"
     good.write_bytes(make_zip({"x.png": PNG}))
     assert len(open_images([empty, good])) == 1  # a part with no image is fine when another has some
+
+
+@pytest.mark.parametrize("kinds", [["zip"], ["tar"], ["tar.gz"], ["zip", "tar.gz", "tar"]])
+def test_an_archive_index_reads_the_same_images_in_the_same_order(tmp_path, kinds):
+    """What the dashboard's thumbnails read: image i of the index is image i of open_images, first
+    copy of a repeated path included, with only the archives' directories kept open."""
+    parts = []
+    for number, kind in enumerate(kinds):
+        files = {f"p{number}/{i}.jpg": encode("JPEG", size=(24 + i, 20), seed=10 * number + i) for i in range(3)}
+        files.update({"shared/x.png": encode("PNG", size=(8 + number, 8), seed=number), "notes.txt": b"hi",
+                      "bad.png": b"\x89PNG not really"})
+        path = tmp_path / f"part{number}.bin"
+        path.write_bytes(make_zip(files) if kind == "zip" else make_tar(files, "w" if kind == "tar" else "w:gz"))
+        parts.append(path)
+    images = open_images(parts)
+    index = coft.data.ArchiveIndex(parts)
+    assert index.names == images.names and len(index) == len(images)
+    for i in range(len(images)):
+        assert np.array_equal(np.asarray(index.decode(i)), np.asarray(images[i])), images.names[i]
+    assert index.decode(images.names.index("shared/x.png")).size == (8, 8)  # the first part's copy
+    index.close()

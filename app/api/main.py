@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.backbones = LRUCache(settings.classifier_cache_size)  # zero-shot backbones
     app.state.job_predictions = LRUCache(16)  # a finished job's predictions, parsed once for paging
     app.state.thumbnails = LRUCache(4096)  # small JPEGs (a few kB each) that the dashboard's galleries show
+    app.state.dataset_indexes = LRUCache(8)  # the archives they come from, opened once (their directories only)
     # A publisher only; without REDIS_URL job creation answers 503 queue-unavailable.
     app.state.celery = make_celery(settings) if settings.redis_url else None
     install_error_handlers(app)

@@ -14,9 +14,10 @@ import os
 import shutil
 import tarfile
 import tempfile
+import weakref
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -27,7 +28,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coft import Classifier as LoadedClassifier
-from coft import CoFTConfig, DataError, DataLimits, ImageSet, export_onnx, open_images, open_labelled_images
+from coft import (ArchiveIndex, CoFTConfig, DataError, DataLimits, ImageSet, export_onnx, open_images,
+                  open_labelled_images)
 from app.core import backbones, webhooks
 from app.core.db import session_scope
 from app.core.errors import Conflict, Invalid, OverQuota, Unavailable, not_found
@@ -99,23 +101,42 @@ def _record_images(dataset: Dataset, images: ImageSet) -> None:
 
 
 @contextmanager
-def dataset_images(storage: Storage, dataset: Dataset, limits: DataLimits, verify: bool = True) -> Iterator[ImageSet]:
-    """The dataset's images, from its one archive or all its parts (local copies for the block)."""
+def dataset_files(storage: Storage, dataset: Dataset) -> Iterator[list[Path]]:
+    """Local copies, for the block, of the dataset's one archive or of all its parts (in upload order)."""
     if dataset.num_parts == 0:
         with storage.local_file(dataset_archive(dataset.id)) as path:
-            yield open_images(path, limits=limits, verify=verify)
+            yield [path]
     else:
         with storage.local_dir(dataset_parts(dataset.id)) as folder:
-            yield open_images(sorted(folder.iterdir()), limits=limits, verify=verify)
+            yield sorted(folder.iterdir())
 
 
-def thumbnail(storage: Storage, dataset: Dataset, index: int, size: int, limits: DataLimits) -> bytes:
+@contextmanager
+def dataset_images(storage: Storage, dataset: Dataset, limits: DataLimits, verify: bool = True) -> Iterator[ImageSet]:
+    """The dataset's images, from its one archive or all its parts."""
+    with dataset_files(storage, dataset) as paths:
+        yield open_images(paths, limits=limits, verify=verify)
+
+
+def dataset_index(storage: Storage, dataset: Dataset, limits: DataLimits) -> ArchiveIndex:
+    """A ready dataset's images by position, for reading a few (thumbnails). Its local copies (an S3
+    store's download, linked parts) live as long as the index does, however many requests share it."""
+    stack = ExitStack()
+    try:
+        index = ArchiveIndex(stack.enter_context(dataset_files(storage, dataset)), limits=limits)
+    except BaseException:
+        stack.close()
+        raise
+    weakref.finalize(index, stack.close)  # when the last request holding it is done, not at eviction
+    return index
+
+
+def thumbnail(images: ArchiveIndex, index: int, size: int) -> bytes:
     """Image `index` of a ready dataset (the order of its jobs' predictions), as a JPEG at most
     `size` pixels on its longer side."""
-    if not 0 <= index < dataset.num_images:
+    if not 0 <= index < len(images):
         raise not_found("image", str(index))
-    with dataset_images(storage, dataset, limits, verify=False) as images:
-        image = images.decode(index, at_least=(size, size))
+    image = images.decode(index, at_least=(size, size))
     image.thumbnail((size, size))
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=85)

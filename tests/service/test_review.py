@@ -6,11 +6,16 @@ from __future__ import annotations
 import csv
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.helpers import image_zip, png
+from tests.service.helpers import image_tar_gz, image_zip, png, wait_for
 from tests.service.test_jobs import job_body, upload, wait_terminal
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32)), dtype=np.float32)
 
 
 def _all(api, job_id: str, **params) -> list[dict]:
@@ -86,6 +91,18 @@ def test_a_thumbnail_is_a_small_jpeg_of_the_tenants_image_and_nobody_elses(stack
     stranger = stack.client(stack.new_key())
     assert stranger.get(f"/v1/datasets/{dataset_id}/images/0/thumbnail").status_code == 404
     assert api.get(f"/v1/datasets/{dataset_id}/images/0/thumbnail", headers={"Authorization": ""}).status_code == 401
+
+    # A dataset in parts, a zip and a tar.gz: image 2 is the tar's first (path order across parts).
+    parts = api.post("/v1/datasets/uploads", json={"filename": "parts"}).json()["id"]
+    for data, name in [(image_zip(2), "a.zip"), (image_tar_gz(2), "b.tar.gz")]:
+        assert api.post(f"/v1/datasets/{parts}/parts", files={"file": (name, data)}).status_code == 200
+    assert api.post(f"/v1/datasets/{parts}/finalize").status_code == 202
+    wait_for(lambda: api.get(f"/v1/datasets/{parts}").json()["status"] == "ready", 60, 0.05, "validation")
+    served = [_pixels(api.get(f"/v1/datasets/{parts}/images/{i}/thumbnail").content) for i in range(4)]
+    originals = [_pixels(png(i)) for i in (0, 1)] + [_pixels(png(100 + i)) for i in (0, 1)]
+    for i, thumb in enumerate(served):  # each thumbnail is its own image, not a neighbour's
+        distances = [np.abs(thumb - original).mean() for original in originals]
+        assert int(np.argmin(distances)) == i, distances
 
     pending = api.post("/v1/datasets/uploads", json={"filename": "later"}).json()["id"]
     refused = api.get(f"/v1/datasets/{pending}/images/0/thumbnail")

@@ -96,6 +96,7 @@ def thumbnail(dataset_id: str, index: int, session: SessionDep, tenant: TenantDe
     """Image `index` of the dataset, small: the order is that of its jobs' predictions (their `index`)."""
     dataset = crud.ready_dataset(session, tenant.id, dataset_id)
     jpeg = request.app.state.thumbnails.get((dataset.id, index, size), lambda: crud.thumbnail(
-        storage, dataset, index, size, settings.data_limits()))
+        request.app.state.dataset_indexes.get(dataset.id, lambda: crud.dataset_index(
+            storage, dataset, settings.data_limits())), index, size))
     # A dataset's images never change: the browser may keep them (privately: they are the tenant's).
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
