@@ -4,9 +4,7 @@ Those bodies can be large, so who is asking, and whether they are over their rat
 from the headers alone, before a byte of the body is read: an unknown key or a tenant over its
 limit costs the server one indexed query, not a spooled 2 GB upload (a known key, not even that:
 `KnownKeys` remembers it for COFT_API_KEY_CACHE_S). The routes still depend on
-`current_tenant` as every other route does; the gate only answers earlier. A known key and the
-limiter's count take no thread: the count is `limits`' asyncio API on redis-py's asyncio client, so
-a small predict request is not queued behind the thread pool twice (once here, once to decode).
+`current_tenant` as every other route does; the gate only answers earlier.
 
 Rate limits are per tenant and per kind of request ("uploads", "predict"), counted with the
 `limits` package in a moving window: in Redis when REDIS_URL is set, so every API process shares
@@ -22,8 +20,7 @@ import re
 import time
 
 import anyio
-from limits import parse_many, storage
-from limits.aio import strategies
+from limits import parse_many, storage, strategies
 
 from app.core.auth import KnownKeys
 from app.api.errors import problem_response
@@ -55,19 +52,17 @@ class RateLimits:
     def __init__(self, settings: Settings):
         self.rules = {"uploads": parse_many(settings.rate_limit_uploads),
                       "predict": parse_many(settings.rate_limit_predict)}
-        if settings.redis_url:  # a Redis that hangs must not hang the request: it is then let through
-            backend = storage.storage_from_string(f"async+{settings.redis_url}", implementation="redispy",
-                                                  socket_timeout=LIMITER_TIMEOUT_S,
-                                                  socket_connect_timeout=LIMITER_TIMEOUT_S)
-        else:
-            backend = storage.storage_from_string("async+memory://")
+        # A Redis that hangs must not hang the request: after the timeout it is let through (below).
+        backend = (storage.storage_from_string(settings.redis_url, socket_timeout=LIMITER_TIMEOUT_S,
+                                               socket_connect_timeout=LIMITER_TIMEOUT_S)
+                   if settings.redis_url else storage.storage_from_string("memory://"))
         self.limiter = strategies.MovingWindowRateLimiter(backend)
 
-    async def retry_after_s(self, bucket: str, tenant_id: str) -> int | None:
+    def retry_after_s(self, bucket: str, tenant_id: str) -> int | None:
         """Count one request; None if it is allowed, else the seconds until it would be."""
         for rule in self.rules[bucket]:
-            if not await self.limiter.hit(rule, bucket, tenant_id):
-                reset_at = (await self.limiter.get_window_stats(rule, bucket, tenant_id)).reset_time
+            if not self.limiter.hit(rule, bucket, tenant_id):
+                reset_at = self.limiter.get_window_stats(rule, bucket, tenant_id).reset_time
                 return max(1, math.ceil(reset_at - time.time()))
         return None
 
@@ -91,26 +86,26 @@ class FileRouteGate:
         bucket = bucket_for(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if bucket is None:
             return await self.app(scope, receive, send)
-        tenant, response = await self._check(bucket, _bearer_key(scope["headers"]), scope["path"])
+        # Blocking work (a DB query, a Redis round trip) runs in a thread, as FastAPI does for sync routes.
+        tenant, response = await anyio.to_thread.run_sync(self._check, bucket, _bearer_key(scope["headers"]),
+                                                          scope["path"])
         if response is not None:
             return await response(scope, receive, send)
         scope.setdefault("state", {})["tenant"] = tenant  # the route's current_tenant need not look it up again
         await self.app(scope, receive, send)
 
-    async def _check(self, bucket: str, key: str | None, path: str):
+    def _check(self, bucket: str, key: str | None, path: str):
         """(tenant, None) when the request may go on, else (None, the refusal)."""
         if key is None:
             return None, problem_response(401, "unauthorized", "Unauthorized",
                                           "send an API key as `Authorization: Bearer KEY`", path,
                                           {"WWW-Authenticate": "Bearer"})
-        tenant = self.keys.remembered(key)
-        if tenant is None:  # the database query blocks: in a thread, as FastAPI runs sync dependencies
-            tenant = await anyio.to_thread.run_sync(self.keys.tenant, key)
+        tenant = self.keys.tenant(key)
         if tenant is None:
             return None, problem_response(401, "unauthorized", "Unauthorized", "unknown API key", path,
                                           {"WWW-Authenticate": "Bearer"})
         try:
-            retry_after = await self.rate_limits.retry_after_s(bucket, tenant.id)
+            retry_after = self.rate_limits.retry_after_s(bucket, tenant.id)
         except Exception:  # noqa: BLE001 - the limiter's store is down: serve rather than fail
             log.warning("rate limiter unavailable; request allowed", exc_info=True)
             return tenant, None

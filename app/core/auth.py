@@ -70,16 +70,11 @@ class KnownKeys:
         self._known: dict[str, tuple[Tenant, float]] = {}  # key hash -> (tenant, valid until)
         self._lock = threading.Lock()
 
-    def remembered(self, key: str) -> Tenant | None:
-        """The key's tenant if it is remembered and fresh; no I/O, so callers on an event loop may ask."""
-        known = self._known.get(hash_key(key))
-        return known[0] if known is not None and known[1] > time.monotonic() else None
-
     def tenant(self, key: str) -> Tenant | None:
-        """The key's tenant, from memory or else from the database (which blocks)."""
-        remembered = self.remembered(key)
-        if remembered is not None:
-            return remembered
+        digest, now = hash_key(key), time.monotonic()
+        known = self._known.get(digest)
+        if known is not None and known[1] > now:
+            return known[0]
         session = session_factory(self.database_url)()
         try:
             tenant = tenant_for_key(session, key)
@@ -89,5 +84,5 @@ class KnownKeys:
             with self._lock:
                 if len(self._known) >= self.max_keys:
                     self._known.clear()
-                self._known[hash_key(key)] = (tenant, time.monotonic() + self.ttl_s)
+                self._known[digest] = (tenant, now + self.ttl_s)
         return tenant
