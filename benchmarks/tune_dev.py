@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coft.backbone import load_backbone  # noqa: E402
-from coft.classifier import Classifier, ImageClassifier, text_head  # noqa: E402
+from coft.classifier import Classifier  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
 from coft.image_cache import cached_images  # noqa: E402
-from coft.phase2 import fine_tune, interpolate_weights  # noqa: E402
+from coft.phase2 import fine_tune, fresh_classifier, interpolate_weights  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
 from coft.proxy.tasks import DEV_TASKS, load_task  # noqa: E402
 
@@ -88,7 +88,7 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
                 started = time.perf_counter()
                 members, starts, final_ce = [], [], []
                 for which in (0, 1):
-                    model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
+                    model = fresh_classifier(backbone, text, config.phase2)  # as the pipeline makes it
                     if interpolations:  # the starting weights, only when something interpolates toward them
                         starts.append(copy.deepcopy(model.state_dict()))
                     torch.manual_seed(seed * 1000 + which)
