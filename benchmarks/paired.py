@@ -1,6 +1,9 @@
 """Paired comparison of two sets of runs printed by `tune_dev.py pipeline` (one line per task and seed).
 
     python benchmarks/paired.py runs/a.log runs/b.log [--stage final] [--names A B]
+    python benchmarks/paired.py runs/x.log runs/x.log --phase2 '{}' '{"lr": 0.0005}' [--stage model1]
+        `tune_dev.py phase2` lines instead, side A those of the first override set, B of the second
+        (stages: model1, model2, final).
 
 Pairs runs by (task, seed); prints each side's per-task mean over seeds, then the paired difference
 B - A: its mean over all pairs and the standard error of that mean (std of the differences / sqrt(n)).
@@ -17,11 +20,18 @@ import statistics
 from pathlib import Path
 
 LINE = re.compile(r"^(?P<task>\S+) (?P<method>\S+) seed (?P<seed>\d+) (?P<overrides>.*?): test (?P<accuracy>\{.*?\});")
+PHASE2_LINE = re.compile(r"^(?P<task>\S+) seed (?P<seed>\d+) phase2 (?P<overrides>.*?): test model1/model2/final "
+                         r"(?P<model1>[\d.]+) / (?P<model2>[\d.]+) / (?P<final>[\d.]+);")
 
 
-def read_runs(path: Path, stage: str) -> dict[tuple[str, int], float]:
+def read_runs(path: Path, stage: str, phase2_overrides: str | None = None) -> dict[tuple[str, int], float]:
     runs = {}
     for line in path.read_text().splitlines():
+        if phase2_overrides is not None:
+            match = PHASE2_LINE.match(line)
+            if match and match["overrides"] == phase2_overrides:
+                runs[(match["task"], int(match["seed"]))] = float(match[stage])
+            continue
         match = LINE.match(line)
         if match:
             accuracy = ast.literal_eval(match["accuracy"])
@@ -56,9 +66,12 @@ def main() -> None:
     parser.add_argument("b", type=Path)
     parser.add_argument("--stage", default="final", help="which accuracy to compare (final, zero_shot, ...)")
     parser.add_argument("--names", nargs=2, default=None)
+    parser.add_argument("--phase2", nargs=2, metavar=("A_OVERRIDES", "B_OVERRIDES"),
+                        help="compare `tune_dev.py phase2` lines of these two override sets, as printed")
     args = parser.parse_args()
+    sides = args.phase2 or (None, None)
     names = tuple(args.names) if args.names else (args.a.stem, args.b.stem)
-    print(compare(read_runs(args.a, args.stage), read_runs(args.b, args.stage), names))
+    print(compare(read_runs(args.a, args.stage, sides[0]), read_runs(args.b, args.stage, sides[1]), names))
 
 
 if __name__ == "__main__":
