@@ -22,6 +22,16 @@ function formatSeconds(seconds) {
   return s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
 }
 
+function formatLosses(losses) {
+  return Object.entries(losses || {}).filter(([, value]) => value !== null)
+    .map(([name, value]) => `${name} ${value.toFixed(3)}`).join(", ");
+}
+
+// A stage's fit (coft.convergence): null when it had nothing to train on.
+function fitted(fit) {
+  return fit.images === 0 ? null : fit.agreement >= fit.threshold;
+}
+
 function dashboard() {
   return {
     key: sessionStorage.getItem("coft-api-key") || "",
@@ -42,6 +52,8 @@ function dashboard() {
     table: { label: "", min: 0, max: 1, offset: 0, total: 0, items: [] },
     timer: null,
     formatSeconds,
+    formatLosses,
+    fitted,
 
     init() {
       window.addEventListener("hashchange", () => this.navigate());

@@ -132,6 +132,14 @@ def test_a_user_adapts_reviews_corrects_and_retrains_in_the_browser(browser, wor
     assert job["status"] == "succeeded" and job["method"] == "coft" and job["backbone"]["model"] == "proxy"
     assert job["eval_dataset_id"] == evaluation["id"] and "final" in job["metrics"]["accuracy"]
 
+    # Each stage's fit to its own training labels, as the job's metrics say.
+    rows = page.locator("#fit-table tbody tr")
+    assert rows.count() == len(job["metrics"]["fit"]) == 4  # Phase I and Phase II, two models each
+    for row, (stage, fit) in zip(rows.all(), job["metrics"]["fit"].items()):
+        cells = row.locator("td").all_inner_texts()
+        assert cells[0] == stage and cells[1].startswith(f"{100 * fit['agreement']:.1f}%"), cells
+        assert cells[4] == ("✓" if fit["agreement"] >= fit["threshold"] else "✗")
+
     # The gallery pages through S*, with every thumbnail loaded from the tenant-checked endpoint.
     thumbs = page.locator("#gallery .thumb")
     thumbs.first.wait_for()
