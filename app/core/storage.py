@@ -267,7 +267,11 @@ class S3Storage:
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 # Through the cache (a dataset's parts, a classifier's files are write-once keys), then
                 # linked: the cache may evict its copy while this block still reads the link.
-                os.link(self._cached(f"{key}/{name}"), root / name)
+                cached = self._cached(f"{key}/{name}")
+                try:
+                    os.link(cached, root / name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(cached, root / name)
             yield root
 
     @contextmanager
