@@ -291,14 +291,17 @@ def test_coft_plus_records_the_llm_as_its_prompt_source(tiny_backbone, tiny_imag
     ({"reply": GOOD_ANSWER, "delay_s": 2.0}, "Timeout"),
 ])
 def test_llm_failures_fall_back_to_the_template_ensemble(server_kwargs, reason):
+    slow = "delay_s" in server_kwargs
+    # A short timeout only where it is the point: on a loaded machine a prompt answer can take 0.5 s.
     with _ChatServer(**server_kwargs) as server:
         started = time.monotonic()
-        resolved = resolve_descriptions(CLASSES, llm=server.endpoint(timeout_s=0.5))
+        resolved = resolve_descriptions(CLASSES, llm=server.endpoint(timeout_s=0.5 if slow else 10.0))
         elapsed = time.monotonic() - started
     assert resolved.source == ENSEMBLE
-    assert reason in resolved.fallback_reason
+    assert reason in resolved.fallback_reason, resolved.fallback_reason
     assert resolved.sentences["red square"] == [t.format("red square") for t in TEMPLATE_ENSEMBLE]
-    assert elapsed < 1.9  # the timeout, not the server's delay, bounds the wait
+    if slow:
+        assert elapsed < 1.9  # the timeout, not the server's delay, bounds the wait
 
 
 def test_unreachable_llm_falls_back():
