@@ -221,10 +221,40 @@ def print_stage_tables(runs: list[dict], method: str, tasks: list[str]) -> None:
         print(f"| {task} | " + " | ".join(cells) + " |")
 
 
+def print_paired_gains(runs: list[dict], method: str, tasks: list[str]) -> None:
+    """`method`'s gain over every other method, paired by (task, seed): mean ± standard error, and
+    how many of those tasks it wins on average. Zero-shot has no randomness: its one run pairs with
+    every seed."""
+    score = {(r["method"], r["task"], r["seed"]): 100 * r["accuracy"] for r in runs}
+    ours = {(task, seed): value for (m, task, seed), value in score.items() if m == method and task in tasks}
+    if not ours:
+        return
+    print(f"\n### {method}: paired gain over each method (points), mean ± s.e. over (task, seed)\n")
+    print("| method | pairs | gain | tasks where the mean gain is >= 0 |")
+    print("|---|---|---|---|")
+    for other in dict.fromkeys(r["method"] for r in runs):
+        if other == method:
+            continue
+        gains = {}
+        for (task, seed), value in ours.items():
+            theirs = score.get((other, task, seed), score.get((other, task, 0)) if other.startswith("zero-shot") else None)
+            if theirs is not None:
+                gains[(task, seed)] = value - theirs
+        if len(gains) < 2:
+            continue
+        values = list(gains.values())
+        error = statistics.stdev(values) / len(values) ** 0.5
+        per_task = [statistics.fmean(g for (t, _), g in gains.items() if t == task) for task in tasks
+                    if any(t == task for t, _ in gains)]
+        print(f"| {other} | {len(values)} | {statistics.fmean(values):+.2f} ± {error:.2f} | "
+              f"{sum(g >= 0 for g in per_task)} of {len(per_task)} |")
+
+
 def print_tables(runs: list[dict], methods: list[str], tasks: list[str], num_seeds: int) -> None:
     print_main_table(runs, methods, tasks, num_seeds)
     for method in ("coft", "coft+"):
         print_stage_tables(runs, method, tasks)
+        print_paired_gains(runs, method, tasks)
 
 
 def main(argv: list[str] | None = None) -> None:
