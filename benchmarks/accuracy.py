@@ -237,7 +237,9 @@ def print_paired_gains(runs: list[dict], method: str, tasks: list[str]) -> None:
             continue
         gains = {}
         for (task, seed), value in ours.items():
-            theirs = score.get((other, task, seed), score.get((other, task, 0)) if other.startswith("zero-shot") else None)
+            theirs = score.get((other, task, seed))
+            if theirs is None and other.startswith("zero-shot"):  # no randomness: its one run serves every seed
+                theirs = score.get((other, task, 0))
             if theirs is not None:
                 gains[(task, seed)] = value - theirs
         if len(gains) < 2:

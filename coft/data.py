@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from PIL import Image, ImageOps
 
@@ -197,15 +197,21 @@ class ArchiveIndex:
         self.names = open_images(list(paths), limits=limits, verify=False).names  # its bytes are dropped here
         self._limits = limits
         self._archives: list[zipfile.ZipFile | tarfile.TarFile] = []
-        self._members: dict[str, tuple[zipfile.ZipFile | tarfile.TarFile, zipfile.ZipInfo | tarfile.TarInfo]] = {}
+        # path -> (the archive's own way to open a member, the member): ZipFile.open or TarFile.extractfile
+        self._members: dict[str, tuple[Callable[[Any], BinaryIO], zipfile.ZipInfo | tarfile.TarInfo]] = {}
         self._lock = threading.Lock()
         for path in paths:
-            archive = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else tarfile.open(path, "r:*")
-            self._archives.append(archive)
-            entries = archive.infolist() if isinstance(archive, zipfile.ZipFile) else archive.getmembers()
-            for entry in entries:  # the first of a repeated path is the one open_images kept
-                self._members.setdefault(_member_path(entry.filename if isinstance(entry, zipfile.ZipInfo)
-                                                      else entry.name), (archive, entry))
+            # Tar (plain or compressed) or else zip, as open_images told them apart when it accepted them.
+            if tarfile.is_tarfile(path):
+                tar = tarfile.open(path, "r:*")
+                entries = [(member.name, tar.extractfile, member) for member in tar.getmembers()]
+                self._archives.append(tar)
+            else:
+                archive = zipfile.ZipFile(path)
+                entries = [(info.filename, archive.open, info) for info in archive.infolist()]
+                self._archives.append(archive)
+            for name, open_member, entry in entries:  # the first of a repeated path is the one open_images kept
+                self._members.setdefault(_member_path(name), (open_member, entry))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -213,13 +219,9 @@ class ArchiveIndex:
     def decode(self, i: int, at_least: tuple[int, int] | None = None) -> Image.Image:
         """Image i in RGB, as `ImageSet.decode` gives it."""
         name = self.names[operator.index(i)]
-        archive, entry = self._members[name]
-        with self._lock:
-            if isinstance(archive, zipfile.ZipFile):
-                with archive.open(entry) as member:
-                    data = member.read(self._limits.max_file_bytes + 1)
-            else:
-                data = archive.extractfile(entry).read(self._limits.max_file_bytes + 1)
+        open_member, entry = self._members[name]
+        with self._lock, open_member(entry) as member:
+            data = member.read(self._limits.max_file_bytes + 1)
         try:
             return _decode(data, self._limits, at_least)
         except _Unusable as e:

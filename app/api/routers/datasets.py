@@ -95,8 +95,11 @@ def thumbnail(dataset_id: str, index: int, session: SessionDep, tenant: TenantDe
               size: Annotated[int, Query(ge=16, le=512, description="longer side, in pixels")] = 128) -> Response:
     """Image `index` of the dataset, small: the order is that of its jobs' predictions (their `index`)."""
     dataset = crud.ready_dataset(session, tenant.id, dataset_id)
-    jpeg = request.app.state.thumbnails.get((dataset.id, index, size), lambda: crud.thumbnail(
-        request.app.state.dataset_indexes.get(dataset.id, lambda: crud.dataset_index(
-            storage, dataset, settings.data_limits())), index, size))
+    def render() -> bytes:  # from the dataset's archives, opened once for all its thumbnails
+        images = request.app.state.dataset_indexes.get(
+            dataset.id, lambda: crud.dataset_index(storage, dataset, settings.data_limits()))
+        return crud.thumbnail(images, index, size)
+
+    jpeg = request.app.state.thumbnails.get((dataset.id, index, size), render)
     # A dataset's images never change: the browser may keep them (privately: they are the tenant's).
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
