@@ -14,8 +14,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[service,dev]'
 	touch $@
 
+# The suite on TEST_WORKERS processes (pytest-xdist): every service fixture (Redis, PostgreSQL, the S3
+# server, the stacks' API and Celery worker) is per process and on free ports, so the workers share nothing.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # docs/screenshots/*.png, taken by the dashboard's browser test (needs Debian's chromium).
 screenshots: install
