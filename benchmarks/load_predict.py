@@ -75,10 +75,12 @@ async def load(url: str, key: str, classifier_id: str, clients: int, seconds: fl
     latencies: list[float] = []
     errors: dict[str, int] = {}
     deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                                 limits=limits) as http:
-        async def one_client() -> None:
+    # Each client its own connection pool, as separate users have. One pool shared by all 32 costs the
+    # clients more CPU the more requests are in flight (httpcore scans every connection for each one),
+    # CPU taken from the server under test: 3.6-8 ms per request against about 3 (benchmarks/RESULTS.md).
+    async def one_client() -> None:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                                     limits=httpx.Limits(max_connections=1)) as http:
             while time.monotonic() < deadline:
                 started = time.perf_counter()
                 try:
@@ -91,7 +93,7 @@ async def load(url: str, key: str, classifier_id: str, clients: int, seconds: fl
                 else:
                     errors[outcome] = errors.get(outcome, 0) + 1
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     return latencies, sum(errors.values()), errors
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, TypeVar
 
+import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -39,15 +40,33 @@ def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterato
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer coft_...`")
 
 
-def current_tenant(request: Request, session: Annotated[Session, Depends(get_session)],
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
-    if (checked := getattr(request.state, "tenant", None)) is not None:  # by the gate, from these headers
+T = TypeVar("T")
+
+
+async def in_session(settings: Settings, query: Callable[[Session], T]) -> T:
+    """`query` in a short session of its own, in one trip to the thread pool. A `SessionDep` costs a
+    trip to open the session and another to close it; the hot routes cannot afford three."""
+
+    def run() -> T:
+        session = session_factory(settings.database_url)()
+        try:
+            return query(session)
+        finally:
+            session.close()  # what it returns stays readable, detached: only columns are used
+
+    return await anyio.to_thread.run_sync(run)
+
+
+async def current_tenant(request: Request, settings: Annotated[Settings, Depends(get_settings)],
+                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+    # On the event loop: on the gated routes (uploads, predict) the gate has already checked the key.
+    if (checked := getattr(request.state, "tenant", None)) is not None:
         return checked
     unauthorized = {"WWW-Authenticate": "Bearer"}
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Problem(401, "unauthorized", "send an API key as `Authorization: Bearer KEY`", "Unauthorized",
                       headers=unauthorized)
-    tenant = tenant_for_key(session, credentials.credentials)
+    tenant = await in_session(settings, lambda session: tenant_for_key(session, credentials.credentials))
     if tenant is None:
         raise Problem(401, "unauthorized", "unknown API key", "Unauthorized", headers=unauthorized)
     return tenant

@@ -32,8 +32,11 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # uvicorn and celery install their own handlers; route them through ours instead.
+    # uvicorn and celery install their own handlers; route them through ours instead. An access
+    # logger left without a handler is `uvicorn --no-access-log`: it stays off (uvicorn logs a
+    # request only when that logger has a handler, and propagating to ours would count as one).
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task"):
         logger = logging.getLogger(name)
+        turned_off = name == "uvicorn.access" and not logger.handlers
         logger.handlers[:] = []
-        logger.propagate = True
+        logger.propagate = not turned_off

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
 from coft import Classifier as CoftClassifier
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, in_session
 from app.api import huggingface
 from app.api.inference import ServedClassifier, decode_images, prediction_items, read_images
 from app.api.pagination import PageDep, newest_first
@@ -45,9 +45,9 @@ def delete_classifier(classifier_id: str, request: Request, session: SessionDep,
     request.app.state.classifiers.discard(artifact_key)
 
 
-def owned_artifact_key(classifier_id: str, session: SessionDep, tenant: TenantDep) -> str:
-    """The storage key of the caller's classifier (a sync dependency: the query runs off the event loop)."""
-    return get_owned_classifier(session, tenant, classifier_id).artifact_key
+async def owned_artifact_key(classifier_id: str, settings: SettingsDep, tenant: TenantDep) -> str:
+    """The storage key of the caller's classifier: one query, one trip off the event loop."""
+    return await in_session(settings, lambda session: get_owned_classifier(session, tenant, classifier_id).artifact_key)
 
 
 @router.post("/{classifier_id}/predict", response_model=PredictResponse,
