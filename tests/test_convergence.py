@@ -11,7 +11,7 @@ from coft.pipeline import adapt
 
 CLASSES = ["red square", "green circle", "blue thing"]
 TINY = {"pseudo_labels": {"top_k": 2}, "phase1": {"epochs": 1, "batch_size": 4, "context_tokens": 4, "vpt_tokens": 2},
-        "phase2": {"epochs": 1, "batch_size": 4}, "eval_batch_size": 8}
+        "phase2": {"epochs": 1, "batch_size": 4}, "eval_batch_size": 8, "coft_plus": {"rounds": 2}}
 
 
 def test_fit_compares_predictions_with_the_training_labels_and_warns_below_the_threshold():
