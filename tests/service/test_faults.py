@@ -74,7 +74,8 @@ def test_sigkilled_worker_is_restarted_and_the_job_resumes_from_its_checkpoints(
     assert done["attempts"] == 2
     assert done["metrics"]["resumed_stages"] == checkpointed
     assert done["metrics"]["image_cache"]["reused"] is True  # the first attempt's decoded images, on this host
-    assert not storage.exists(checkpoints)  # checkpoints and the cache go once the job has ended
+    # checkpoints and the cache go once the job has ended (a moment after the row says so)
+    wait_for(lambda: not storage.exists(checkpoints), 30, 0.1, "the checkpoints to be deleted")
     assert api.post(f"/v1/classifiers/{done['classifier_id']}/predict",
                     files=[("images", ("x.png", png(1)))]).status_code == 200
 
