@@ -75,11 +75,8 @@ class KnownKeys:
         known = self._known.get(digest)
         if known is not None and known[1] > now:
             return known[0]
-        session = session_factory(self.database_url)()
-        try:
-            tenant = tenant_for_key(session, key)
-        finally:
-            session.close()  # the tenant stays readable, detached: only its columns are used
+        with session_factory(self.database_url)() as session:  # closed on the way out; the tenant
+            tenant = tenant_for_key(session, key)  # stays readable, detached: only its columns are used
         if tenant is not None and self.ttl_s > 0:
             with self._lock:
                 if len(self._known) >= self.max_keys:
