@@ -19,9 +19,9 @@ import math
 import re
 import time
 
-import anyio
 from limits import parse_many, storage, strategies
 
+from app.api.deps import run_blocking
 from app.core.auth import KnownKeys
 from app.api.errors import problem_response
 from app.core.settings import Settings
@@ -87,8 +87,7 @@ class FileRouteGate:
         if bucket is None:
             return await self.app(scope, receive, send)
         # Blocking work (a DB query, a Redis round trip) runs in a thread, as FastAPI does for sync routes.
-        tenant, response = await anyio.to_thread.run_sync(self._check, bucket, _bearer_key(scope["headers"]),
-                                                          scope["path"])
+        tenant, response = await run_blocking(self._check, bucket, _bearer_key(scope["headers"]), scope["path"])
         if response is not None:
             return await response(scope, receive, send)
         scope.setdefault("state", {})["tenant"] = tenant  # the route's current_tenant need not look it up again

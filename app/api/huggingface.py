@@ -41,13 +41,21 @@ class HFLabelScore(BaseModel):
     score: float
 
 
+def is_json(content_type: str) -> bool:
+    return content_type.split(";")[0].strip().lower() == JSON
+
+
 def is_hf_request(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() == JSON
+    return is_json(request.headers.get("content-type", ""))
 
 
 async def read_hf_request(request: Request) -> HFRequest:
+    return parse_hf_request(await request.body())
+
+
+def parse_hf_request(body: bytes) -> HFRequest:
     try:
-        return HFRequest.model_validate_json(await request.body())
+        return HFRequest.model_validate_json(body)
     except ValidationError as error:
         raise Problem(422, "validation-error", "not a Hugging Face inference payload: "
                       + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()),
@@ -90,11 +98,20 @@ def component_schemas() -> dict:
     return top["$defs"]
 
 
-def openapi_extra(multipart_answer: str) -> dict:
-    """The JSON request body next to the multipart one, and the answer each gets, in OpenAPI."""
+# The multipart body of a route that reads its own (classifier predict: see its comment).
+MULTIPART_IMAGES = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["images"],
+    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "one or more images (repeat the field)"}}}}}
+
+
+def openapi_extra(multipart_answer: str, multipart: bool = False) -> dict:
+    """The JSON request body next to the multipart one, and the answer each gets, in OpenAPI. With
+    `multipart`, the multipart body too, for a route that does not declare it as FastAPI parameters."""
     scores = {"type": "array", "items": {"$ref": "#/components/schemas/HFLabelScore"}}
+    content = {JSON: {"schema": {"$ref": "#/components/schemas/HFRequest"}}} | (MULTIPART_IMAGES if multipart else {})
     return {
-        "requestBody": {"content": {JSON: {"schema": {"$ref": "#/components/schemas/HFRequest"}}}},
+        "requestBody": {"required": True, "content": content} if multipart else {"content": content},
         "responses": {"200": {"description": "a multipart request gets the service's answer; a Hugging Face "
                                              "payload gets `[{label, score}]`, one list per image for a list",
                               "content": {JSON: {"schema": {"anyOf": [

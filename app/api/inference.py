@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, TypeVar
 
 import anyio
+import python_multipart
 import torch
 from fastapi import UploadFile
+from python_multipart.exceptions import FormParserError
 
 from coft import Classifier, DataError, ImageSet, Predictions, decode_image
 from app.api.batcher import Batcher, BatcherClosed
@@ -98,15 +100,40 @@ class ServedClassifier:
 def read_images(files: list[UploadFile], settings: Settings) -> ImageSet:
     """Decode uploads in request order, or a 422 problem naming every unusable file. The limits
     are the dataset ones (COFT_MAX_IMAGE_PIXELS, COFT_MAX_IMAGE_BYTES)."""
-    if not files:
-        raise Problem(422, "no-usable-images", "send one or more images in the multipart field `images`")
     limit = settings.data_limits().max_file_bytes
     return decode_images([(upload.filename or f"image-{i}", upload.file.read(limit + 1))
                           for i, upload in enumerate(files)], settings)
 
 
+def multipart_files(content_type: str, body: bytes, field: str, max_file_bytes: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each file in one field of a multipart body, in order, parsed with
+    python-multipart. Unlike FastAPI's form parsing, which runs on the event loop chunk by chunk,
+    this runs wherever it is called: predict calls it in its one trip off the loop. Each file is
+    read up to `max_file_bytes` + 1, so a larger one is seen as too large."""
+    files: list[tuple[str, bytes]] = []
+    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        return files  # no files: the caller says what it wanted
+
+    def on_file(part: python_multipart.File) -> None:
+        if part.field_name == field.encode():
+            part.file_object.seek(0)
+            files.append(((part.file_name or b"").decode("utf-8", "replace") or f"image-{len(files)}",
+                          part.file_object.read(max_file_bytes + 1)))
+        part.close()
+
+    try:
+        parser = python_multipart.create_form_parser({"Content-Type": content_type.encode("latin-1")}, None, on_file)
+        parser.write(body)
+        parser.finalize()
+    except (FormParserError, ValueError) as error:
+        raise Problem(400, "bad-request", f"malformed multipart body: {error}", "Bad Request") from None
+    return files
+
+
 def decode_images(named: list[tuple[str, bytes]], settings: Settings) -> ImageSet:
     """(name, encoded bytes) of each image, decoded in order, or a 422 problem naming every unusable one."""
+    if not named:
+        raise Problem(422, "no-usable-images", "send one or more images in the multipart field `images`")
     if len(named) > settings.max_predict_images:
         raise Problem(422, "too-many-images",
                       f"at most {settings.max_predict_images} images per request, got {len(named)}")
@@ -125,8 +152,8 @@ def decode_images(named: list[tuple[str, bytes]], settings: Settings) -> ImageSe
     return ImageSet.from_images(decoded, [name for name, _ in named])
 
 
-def prediction_items(files: list[UploadFile], predictions: Predictions, top_k: int) -> list[ImagePrediction]:
-    return [ImagePrediction(filename=upload.filename or f"image-{i}", label=label, probability=probability,
-                            top_k=[LabelProbability(label=name, probability=p) for name, p in ranked])
-            for i, (upload, label, probability, ranked) in enumerate(
-                zip(files, predictions.labels, predictions.confidences, predictions.top_k(top_k)))]
+def prediction_items(names: list[str], predictions: Predictions, top_k: int) -> list[ImagePrediction]:
+    return [ImagePrediction(filename=name, label=label, probability=probability,
+                            top_k=[LabelProbability(label=other, probability=p) for other, p in ranked])
+            for name, label, probability, ranked in zip(names, predictions.labels, predictions.confidences,
+                                                         predictions.top_k(top_k))]

@@ -102,6 +102,13 @@ def test_predict_refuses_bad_images(adapted, stack):
     assert problem["type"] == "https://coft.dev/problems/unusable-image"
     assert [r["filename"] for r in problem["rejected"]] == ["notes.png"]
     assert api.post(url).status_code == 422  # no images at all
+    # predict parses its own multipart body (off the event loop): files in other fields are not images,
+    # and a body that is not valid multipart is a 400 problem, as FastAPI's form parsing answers
+    elsewhere = api.post(url, files=[("image", ("x.png", png(1)))], data={"images": "x.png"})
+    assert elsewhere.status_code == 422 and elsewhere.json()["type"] == "https://coft.dev/problems/no-usable-images"
+    mangled = api.post(url, content=b"--b\r\nContent-Disposition: form-data\r\n\r\nhalf a part",
+                       headers={"Content-Type": "multipart/form-data"})  # no boundary
+    assert mangled.status_code == 400 and mangled.headers["content-type"] == "application/problem+json"
     too_many = api.post(url, files=images(*range(stack.settings.max_predict_images + 1)))
     assert too_many.json()["type"] == "https://coft.dev/problems/too-many-images"
 

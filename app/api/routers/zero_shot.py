@@ -47,7 +47,7 @@ async def zero_shot_predict(
     image_set = await anyio.to_thread.run_sync(read_images, images or [], settings)
     predictions = await anyio.to_thread.run_sync(_predict, request, settings, class_names, model, pretrained,
                                                  template, image_set)
-    return PredictResponse(predictions=prediction_items(images, predictions, top_k))
+    return PredictResponse(predictions=prediction_items(image_set.names, predictions, top_k))
 
 
 def _predict(request: Request, settings, class_names: list[str] | None, model: str | None, pretrained: str | None,
