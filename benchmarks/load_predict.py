@@ -14,6 +14,10 @@ In-process: the classifier's exported artifact loaded here (`coft.Classifier.loa
 bytes decoded, transformed and classified in batches of COFT_PREDICT_MAX_BATCH (the batcher's
 largest forward pass), for the same duration, while the server sits idle: what the model costs with
 no HTTP, no multipart and no queueing. The ratio is HTTP images/s over in-process images/s.
+
+When it starts the service itself it also prints the API process's CPU per request, and its event
+loop's: the loop is where every request's path runs, so its time per request is what limits one API
+process, and it moves less with the machine's speed of the moment than requests/s do.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,6 +115,20 @@ def report(latencies: list[float], error_count: int, errors: dict[str, int], cli
     print(f"errors: {error_count}")
 
 
+class ApiCpu:
+    """CPU seconds of the API process (uvicorn, a child of `app.serve`) and of its main thread, which
+    runs the event loop."""
+
+    def __init__(self, serve_pid: int):
+        children = psutil.Process(serve_pid).children(recursive=True)
+        self.process = next(c for c in children if "uvicorn" in " ".join(c.cmdline()))
+
+    def read(self) -> tuple[float, float]:
+        loop = next(t for t in self.process.threads() if t.id == self.process.pid)
+        total = self.process.cpu_times()
+        return total.user + total.system, loop.user_time + loop.system_time
+
+
 def in_process(client: httpx.Client, classifier_id: str, seconds: float, batch_size: int,
                images_per_request: int) -> float:
     """Images/s of the exported classifier here: decode + transform + forward, batch by batch."""
@@ -151,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     max_batch = int(os.environ.get("COFT_PREDICT_MAX_BATCH", "64"))
 
-    def run(url: str, key: str) -> int:
+    def run(url: str, key: str, api_cpu: ApiCpu | None = None) -> int:
         failed = 0
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
             classifier_id = args.classifier or make_classifier(client)
@@ -160,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                         files=[("images", ("w.png", png(0)))]).raise_for_status()
             for count in args.images_per_request:
                 client_cpu = time.process_time()  # this process is the clients alone: the server is another
+                server_before = api_cpu.read() if api_cpu else None
                 latencies, error_count, errors = asyncio.run(
                     load(url, key, classifier_id, args.clients, args.seconds, count))
                 client_cpu = time.process_time() - client_cpu
                 report(latencies, error_count, errors, args.clients, args.seconds, count)
                 print(f"clients' CPU: {client_cpu:.1f} s in {args.seconds:.0f} s "
                       f"({100 * client_cpu / args.seconds:.0f}% of one core, taken from the server's 2)")
+                if api_cpu and latencies:
+                    process_s, loop_s = (after - before for after, before in zip(api_cpu.read(), server_before))
+                    print(f"API process CPU: {1000 * process_s / len(latencies):.2f} ms per request, its event loop "
+                          f"{1000 * loop_s / len(latencies):.2f} ms ({100 * loop_s / args.seconds:.0f}% of a core)")
                 failed += error_count
                 if not args.no_in_process:
                     local = in_process(client, classifier_id, args.seconds, max_batch, count)
@@ -183,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                                       log):
         with httpx.Client(base_url=url, timeout=10) as probe:
             wait_ready(probe, server, log)
-        return run(url, key)
+        return run(url, key, ApiCpu(server.pid))
 
 
 if __name__ == "__main__":
