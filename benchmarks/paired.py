@@ -4,6 +4,8 @@
     python benchmarks/paired.py runs/x.log runs/x.log --phase2 '{}' '{"lr": 0.0005}' [--stage model1]
         `tune_dev.py phase2` lines instead, side A those of the first override set, B of the second
         (stages: model1, model2, final).
+    python benchmarks/paired.py runs/x.log runs/x.log --overrides '{}' '{"phase1": {"hflip": true}}'
+        `tune_dev.py pipeline` lines of one override set per side, where one log holds several.
 
 Pairs runs by (task, seed); prints each side's per-task mean over seeds, then the paired difference
 B - A: its mean over all pairs and the standard error of that mean (std of the differences / sqrt(n)).
@@ -24,7 +26,8 @@ PHASE2_LINE = re.compile(r"^(?P<task>\S+) seed (?P<seed>\d+) phase2 (?P<override
                          r"(?P<model1>[\d.]+) / (?P<model2>[\d.]+) / (?P<final>[\d.]+);")
 
 
-def read_runs(path: Path, stage: str, phase2_overrides: str | None = None) -> dict[tuple[str, int], float]:
+def read_runs(path: Path, stage: str, phase2_overrides: str | None = None,
+              overrides: str | None = None) -> dict[tuple[str, int], float]:
     runs = {}
     for line in path.read_text().splitlines():
         if phase2_overrides is not None:
@@ -33,7 +36,7 @@ def read_runs(path: Path, stage: str, phase2_overrides: str | None = None) -> di
                 runs[(match["task"], int(match["seed"]))] = float(match[stage])
             continue
         match = LINE.match(line)
-        if match:
+        if match and (overrides is None or match["overrides"] == overrides):
             accuracy = ast.literal_eval(match["accuracy"])
             runs[(match["task"], int(match["seed"]))] = float(accuracy[stage])
     return runs
@@ -68,10 +71,14 @@ def main() -> None:
     parser.add_argument("--names", nargs=2, default=None)
     parser.add_argument("--phase2", nargs=2, metavar=("A_OVERRIDES", "B_OVERRIDES"),
                         help="compare `tune_dev.py phase2` lines of these two override sets, as printed")
+    parser.add_argument("--overrides", nargs=2, metavar=("A_OVERRIDES", "B_OVERRIDES"),
+                        help="compare `tune_dev.py pipeline` lines of these two override sets, as printed")
     args = parser.parse_args()
-    sides = args.phase2 or (None, None)
+    phase2 = args.phase2 or (None, None)
+    overrides = args.overrides or (None, None)
     names = tuple(args.names) if args.names else (args.a.stem, args.b.stem)
-    print(compare(read_runs(args.a, args.stage, sides[0]), read_runs(args.b, args.stage, sides[1]), names))
+    print(compare(read_runs(args.a, args.stage, phase2[0], overrides[0]),
+                  read_runs(args.b, args.stage, phase2[1], overrides[1]), names))
 
 
 if __name__ == "__main__":
