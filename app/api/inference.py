@@ -17,6 +17,7 @@ import python_multipart
 import torch
 from fastapi import UploadFile
 from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
 
 from coft import Classifier, DataError, ImageSet, Predictions, decode_image
 from app.api.batcher import Batcher, BatcherClosed
@@ -111,7 +112,7 @@ def multipart_files(content_type: str, body: bytes, field: str, max_file_bytes: 
     this runs wherever it is called: predict calls it in its one trip off the loop. Each file is
     read up to `max_file_bytes` + 1, so a larger one is seen as too large."""
     files: list[tuple[str, bytes]] = []
-    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+    if parse_options_header(content_type)[0] != b"multipart/form-data":
         return files  # no files: the caller says what it wanted
 
     def on_file(part: python_multipart.File) -> None:
