@@ -24,7 +24,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +57,7 @@ class Setting:
     backbone: Backbone
     seed: int
     overrides: dict  # CoFT/CoFT+ config overrides (JSON)
+    fixmatch: dict = field(default_factory=dict)  # FixMatchConfig overrides (JSON)
     epoch_factor: float = 1.0  # < 1 in --quick mode, for the baselines' schedules
 
     @property
@@ -104,7 +105,8 @@ def run_upl(s: Setting) -> dict:
 
 def run_fixmatch(distribution_alignment: bool) -> Callable[[Setting], dict]:
     def run(s: Setting) -> dict:
-        config = baselines.FixMatchConfig(hflip=s.hflip, distribution_alignment=distribution_alignment)
+        config = baselines.FixMatchConfig(**{"hflip": s.hflip, **s.fixmatch,
+                                             "distribution_alignment": distribution_alignment})
         config = replace(config, epochs=s.epochs(config.epochs))
         classifier, info = baselines.fixmatch(s.backbone, s.task.class_names, s.task.train_images, config, seed=s.seed)
         return {"accuracy": s.test_accuracy(classifier), **info}
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="proxy")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--config", type=Path, help="JSON overrides of the CoFT/CoFT+ config")
+    parser.add_argument("--fixmatch", type=json.loads, default={},
+                        help='FixMatchConfig overrides for fixmatch and fixmatch-da, as JSON: \'{"lr": 1e-4}\'')
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
     parser.add_argument("--shard", default="0/1", help="I/N: run only every N-th (task, seed) pair, from the "
                         "I-th; N processes with one torch thread each use the cores better than one with N")
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in [seed for task_name, seed in pairs if task_name == name]:
                 if method in DETERMINISTIC and seed != 0:
                     continue
-                setting = Setting(task, backbone, seed, overrides, epoch_factor)
+                setting = Setting(task, backbone, seed, overrides, args.fixmatch, epoch_factor)
                 began = time.perf_counter()
                 run = available[method](setting)
                 run.update({"task": name, "method": method, "seed": seed, "seconds": time.perf_counter() - began})

@@ -8,19 +8,20 @@
         (S* with its TRUE labels: no label noise), `random-true` (random images, true labels: no
         noise and no selection bias), `random-zero-shot` (random images, zero-shot labels). With
         `--coop` last, CoOp is trained on the same images and labels for the same number of steps.
+        `all-true` trains on every image of U with its true label: with `phase2-ceiling` at noise 0,
+        what the frozen features allow prompts against what fine-tuning the tower reaches.
     python benchmarks/diagnose.py rounds dev-shapes-occluded-wood grow 0
         CoFT+'s iterative Phase I for one model, three rounds: each round's S* (size, precision) and
         the model's test accuracy, with round r's S* the top-K (`constant`, the spec) or the top-r*K
         (`grow`) per class of round r-1's model; the last argument offsets the seeds.
-    python benchmarks/diagnose.py phase2-ceiling digits-unseen-fonts 0.0 '{"lr": 0.005}'
-        Phase II alone on the TRUE train labels (a fraction replaced at random): what fine-tuning
-        could reach with perfect (or uniformly noisy) pseudo-labels.
-Both use 1,000 train and 300 test images, seed 0.
+    python benchmarks/diagnose.py phase2-ceiling digits-unseen-fonts 0.0 '{"lr": 0.005}' [SEED]
+        Phase II alone on the TRUE train labels (a fraction replaced at random), its head built as
+        the pipeline builds it: what fine-tuning could reach with perfect (or uniformly noisy) labels.
+All use 1,000 train and 300 test images; the seed defaults to 0.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -31,12 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coft.backbone import load_backbone  # noqa: E402
-from coft.classifier import Classifier, ImageClassifier, text_head  # noqa: E402
+from coft.classifier import Classifier  # noqa: E402
 from coft.config import CoFTConfig, Phase2Config  # noqa: E402
 from coft.baselines import CoOpConfig, encode_images, train_coop  # noqa: E402
 from coft.image_cache import cached_images  # noqa: E402
 from coft.phase1 import score_images, train_prompt_model  # noqa: E402
-from coft.phase2 import fine_tune  # noqa: E402
+from coft.phase2 import fine_tune, fresh_classifier  # noqa: E402
 from coft.prompts import class_text_features  # noqa: E402
 from coft.proxy.tasks import load_task  # noqa: E402
 from coft.pseudo_labels import top_k_per_class  # noqa: E402
@@ -58,7 +59,7 @@ def _accuracy(predicted: torch.Tensor, truth: list[int]) -> float:
     return float((predicted == torch.tensor(truth)).float().mean())
 
 
-TRAINING_SETS = ("s-star", "s-star-true", "random-true", "random-zero-shot")
+TRAINING_SETS = ("s-star", "s-star-true", "random-true", "random-zero-shot", "all-true")
 
 
 def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: int = 0,
@@ -73,6 +74,8 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: 
     train_logits = _zero_shot_logits(backbone, text, train_images)
     indices, labels = top_k_per_class(train_logits.softmax(dim=1), config.pseudo_labels.top_k)
     truth = torch.tensor(task.train_labels)
+    if training_set == "all-true":
+        indices = torch.arange(len(truth))
     if training_set.startswith("random"):
         zero_shot_labels = train_logits.argmax(dim=1)
         indices = torch.randperm(len(truth), generator=torch.Generator().manual_seed(0))[:len(indices)]
@@ -126,7 +129,7 @@ def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> 
     print(f"{task_name} {round_top_k} seed {seed}: " + " | ".join(lines), flush=True)
 
 
-def phase2_ceiling(task_name: str, noise: float, overrides: dict) -> None:
+def phase2_ceiling(task_name: str, noise: float, overrides: dict, seed: int = 0) -> None:
     backbone = load_backbone("proxy", device="cpu")
     task = load_task(task_name, 1000, 300)
     train_images, test_images = _sources(backbone, task)
@@ -135,13 +138,14 @@ def phase2_ceiling(task_name: str, noise: float, overrides: dict) -> None:
     replaced = torch.rand(len(labels), generator=generator) < noise
     labels = torch.where(replaced, torch.randint(0, len(task.class_names), labels.shape, generator=generator), labels)
     config = Phase2Config(**({"hflip": False} | overrides))
-    text = class_text_features(backbone, task.class_names, ["a photo of a {}."])
-    model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
+    text = class_text_features(backbone, task.class_names, [CoFTConfig().pseudo_labels.template])
+    model = fresh_classifier(backbone, text, config)
+    torch.manual_seed(seed)
     history = fine_tune(model, backbone, train_images, labels, torch.ones(len(labels), dtype=torch.bool),
-                        config, seed=0)
+                        config, seed=10 + 1000 * seed)
     classifier = Classifier([model], task.class_names, backbone.model_cfg, backbone.preprocess_cfg)
     precision = float((labels == torch.tensor(task.train_labels)).float().mean())
-    print(f"{task_name} noise {noise} {json.dumps(overrides)}: label precision {precision:.3f}, test accuracy "
+    print(f"{task_name} noise {noise} {json.dumps(overrides)} seed {seed}: label precision {precision:.3f}, test accuracy "
           f"{_accuracy(classifier.predict(test_images).indices, task.test_labels):.3f}, "
           f"train CE after {len(history)} epochs {history[-1]['ce']:.2f}")
 
@@ -159,6 +163,7 @@ if __name__ == "__main__":
     elif command == "rounds":
         rounds(name, rest[0] if rest else "constant", int(rest[1]) if len(rest) > 1 else 0)
     elif command == "phase2-ceiling":
-        phase2_ceiling(name, float(rest[0]) if rest else 0.0, json.loads(rest[1]) if len(rest) > 1 else {})
+        phase2_ceiling(name, float(rest[0]) if rest else 0.0, json.loads(rest[1]) if len(rest) > 1 else {},
+                       int(rest[2]) if len(rest) > 2 else 0)
     else:
         raise SystemExit(__doc__)

@@ -6,6 +6,8 @@
         (stages: model1, model2, final).
     python benchmarks/paired.py runs/x.log runs/x.log --overrides '{}' '{"phase1": {"hflip": true}}'
         `tune_dev.py pipeline` lines of one override set per side, where one log holds several.
+    python benchmarks/paired.py runs/a.log runs/b.log --accuracy fixmatch-da fixmatch-da
+        `accuracy.py` lines (`TASK METHOD seed N: ACCURACY (...s)`) of one method per side.
 
 Pairs runs by (task, seed); prints each side's per-task mean over seeds, then the paired difference
 B - A: its mean over all pairs and the standard error of that mean (std of the differences / sqrt(n)).
@@ -22,14 +24,20 @@ import statistics
 from pathlib import Path
 
 LINE = re.compile(r"^(?P<task>\S+) (?P<method>\S+) seed (?P<seed>\d+) (?P<overrides>.*?): test (?P<accuracy>\{.*?\});")
+ACCURACY_LINE = re.compile(r"^(?P<task>\S+) (?P<method>\S+) seed (?P<seed>\d+): (?P<accuracy>[\d.]+) \(")
 PHASE2_LINE = re.compile(r"^(?P<task>\S+) seed (?P<seed>\d+) phase2 (?P<overrides>.*?): test model1/model2/final "
                          r"(?P<model1>[\d.]+) / (?P<model2>[\d.]+) / (?P<final>[\d.]+);")
 
 
 def read_runs(path: Path, stage: str, phase2_overrides: str | None = None,
-              overrides: str | None = None) -> dict[tuple[str, int], float]:
+              overrides: str | None = None, accuracy_method: str | None = None) -> dict[tuple[str, int], float]:
     runs = {}
     for line in path.read_text().splitlines():
+        if accuracy_method is not None:
+            match = ACCURACY_LINE.match(line)
+            if match and match["method"] == accuracy_method:
+                runs[(match["task"], int(match["seed"]))] = float(match["accuracy"])
+            continue
         if phase2_overrides is not None:
             match = PHASE2_LINE.match(line)
             if match and match["overrides"] == phase2_overrides:
@@ -73,12 +81,15 @@ def main() -> None:
                         help="compare `tune_dev.py phase2` lines of these two override sets, as printed")
     parser.add_argument("--overrides", nargs=2, metavar=("A_OVERRIDES", "B_OVERRIDES"),
                         help="compare `tune_dev.py pipeline` lines of these two override sets, as printed")
+    parser.add_argument("--accuracy", nargs=2, metavar=("A_METHOD", "B_METHOD"),
+                        help="compare `accuracy.py` lines of these two methods, as printed")
     args = parser.parse_args()
     phase2 = args.phase2 or (None, None)
     overrides = args.overrides or (None, None)
+    methods = args.accuracy or (None, None)
     names = tuple(args.names) if args.names else (args.a.stem, args.b.stem)
-    print(compare(read_runs(args.a, args.stage, phase2[0], overrides[0]),
-                  read_runs(args.b, args.stage, phase2[1], overrides[1]), names))
+    print(compare(read_runs(args.a, args.stage, phase2[0], overrides[0], methods[0]),
+                  read_runs(args.b, args.stage, phase2[1], overrides[1], methods[1]), names))
 
 
 if __name__ == "__main__":

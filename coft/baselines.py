@@ -87,6 +87,9 @@ class FixMatchConfig:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 10
     template: str = DEFAULT_TEMPLATE
+    # The head is head_scale x the class text embeddings, as Phase II's (coft.phase2.fresh_classifier):
+    # the threshold and lr then mean the same for any CLIP temperature. None: the backbone's logit scale.
+    head_scale: float | None = 25.0
     # ReMixMatch's distribution alignment: weak-view probabilities times (uniform / running mean of the
     # model's predictions), renormalised, before the argmax and threshold. Without labels to anchor it,
     # plain self-training drifts onto a few classes; this keeps the targets' class marginal even.
@@ -242,7 +245,8 @@ def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Im
     config = config or FixMatchConfig()
     source = as_source(images, backbone)
     text = class_text_features(backbone, class_names, [config.template])
-    model = ImageClassifier(copy.deepcopy(backbone.model.visual), text_head(text, backbone.logit_scale))
+    model = ImageClassifier(copy.deepcopy(backbone.model.visual),
+                            text_head(text, config.head_scale or backbone.logit_scale))
     model.to(backbone.device).train().requires_grad_(True)
     weak = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
     strong = StrongAugmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip,

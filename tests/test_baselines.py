@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,6 +67,13 @@ def test_fixmatch_threshold_gates_the_update(tiny_backbone, tiny_images):
     assert info["mask_rate"] == 0.0
     for name, value in classifier.members[0].visual.state_dict().items():
         assert torch.equal(value, before[name])  # nothing passed: nothing trained
+    # the head is Phase II's: head_scale x the unit text embeddings, whatever the CLIP's logit scale
+    row_norms = classifier.members[0].head.weight.norm(dim=1)
+    torch.testing.assert_close(row_norms, torch.full_like(row_norms, config.head_scale))
+    assert float(tiny_backbone.logit_scale) != pytest.approx(config.head_scale)  # the two cases differ
+    unscaled, _ = fixmatch(tiny_backbone, CLASSES, tiny_images, replace(config, head_scale=None))
+    row_norms = unscaled.members[0].head.weight.norm(dim=1)
+    torch.testing.assert_close(row_norms, torch.full_like(row_norms, float(tiny_backbone.logit_scale)))
     config = FixMatchConfig(epochs=1, batch_size=4, threshold=0.0)  # every target passes
     classifier, info = fixmatch(tiny_backbone, CLASSES, tiny_images, config)
     assert info["mask_rate"] == 1.0
