@@ -33,7 +33,7 @@ from coft.backbone import autocast, default_device
 from coft.config import DEFAULT_TEMPLATE
 from coft.openclip import build_vision_tower, image_embedding
 from coft.image_cache import ImageSource
-from coft.loader import map_batches
+from coft.loader import EvalTransform, map_batches
 from coft.progress import ProgressCallback, ProgressTracker
 from coft.training import in_order
 
@@ -136,7 +136,12 @@ class Classifier(nn.Module):
         return torch.stack([member(pixels).float().softmax(dim=-1) for member in self.members]).mean(dim=0)
 
     def transform(self):
+        """open_clip's test-time transform of one PIL image (what an exported model's user applies)."""
         return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
+
+    def batch_transform(self) -> EvalTransform:
+        """The same transform over a list of images, into one batch of inputs (the serving path's)."""
+        return EvalTransform(self.preprocess_cfg)
 
     @torch.no_grad()
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -166,7 +171,7 @@ class Classifier(nn.Module):
                 batches.append(self.probabilities(images.test_view(positions)))
                 counted(len(positions))
             return Predictions(self.class_names, torch.cat(batches))
-        return Predictions(self.class_names, map_batches(self.probabilities, images, self.transform(), batch_size,
+        return Predictions(self.class_names, map_batches(self.probabilities, images, self.batch_transform(), batch_size,
                                                          self.device, on_batch=counted))
 
     def member(self, index: int) -> "Classifier":

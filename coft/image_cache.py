@@ -82,7 +82,7 @@ def train_size(preprocess_cfg: dict[str, Any], scale: float) -> tuple[int, int]:
     return math.ceil(height * scale - 1e-9), math.ceil(width * scale - 1e-9)
 
 
-def _test_time_geometry(preprocess_cfg: dict[str, Any], size: tuple[int, int]) -> Callable[[Image.Image], Image.Image]:
+def eval_geometry(preprocess_cfg: dict[str, Any], size: tuple[int, int]) -> Callable[[Image.Image], Image.Image]:
     """open_clip's test-time transform for this model at `size`, without its tensor conversion and
     normalisation: the resize and crop (or pad) rule lives in open_clip only."""
     steps = image_transform_v2(PreprocessCfg(**{**preprocess_cfg, "size": size}), is_train=False).transforms
@@ -192,8 +192,8 @@ def _fill(test_rows: np.ndarray, train_rows: np.ndarray | None, images: Sequence
     Thread t takes every t-th chunk, so each of them works on any set of at least `threads`
     chunks; the calling thread only reports progress (the callback may raise to stop the run).
     """
-    test_geometry = _test_time_geometry(preprocess_cfg, tuple(test_rows.shape[2:]))
-    train_geometry = _test_time_geometry(preprocess_cfg, tuple(train_rows.shape[2:])) if train_rows is not None else None
+    test_geometry = eval_geometry(preprocess_cfg, tuple(test_rows.shape[2:]))
+    train_geometry = eval_geometry(preprocess_cfg, tuple(train_rows.shape[2:])) if train_rows is not None else None
     largest = train_rows.shape[2:] if train_rows is not None else test_rows.shape[2:]
     decode = _decoder(images, (largest[1], largest[0]))
     count = len(images)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from coft.data import DataError, open_images
 from coft.image_cache import ImageCache, cached_images, image_fingerprint, train_size
+from coft.loader import EvalTransform
 from tests.conftest import draw_image
 
 
@@ -44,6 +45,18 @@ def test_test_rows_are_open_clips_test_time_transform_exactly(tiny_backbone):
     torch.testing.assert_close(source.test_view(torch.arange(6)), expected, atol=1e-6, rtol=0)
     reordered = source.test_view(torch.tensor([4, 0]))
     torch.testing.assert_close(reordered, expected[[4, 0]], atol=1e-6, rtol=0)
+
+
+def test_the_batched_eval_transform_is_open_clips_test_time_transform(tiny_backbone):
+    """What predict feeds the model: one batch, the same inputs as the per-image transform, in order
+    (non-square images of several sizes, and a greyscale one, so that resize, crop and RGB matter)."""
+    images = [*photos(5), photos(1)[0].convert("L")]
+    batch = EvalTransform(tiny_backbone.preprocess_cfg)(images)
+    expected = torch.stack([tiny_backbone.eval_transform()(image) for image in images])
+    assert batch.shape == expected.shape == (6, 3, 32, 32) and batch.dtype == torch.float32
+    torch.testing.assert_close(batch, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(EvalTransform(tiny_backbone.preprocess_cfg)(images[3:4]), expected[3:4],
+                               atol=1e-6, rtol=0)
 
 
 def test_train_rows_hold_the_same_view_at_the_training_scale(tiny_backbone):

@@ -75,19 +75,19 @@ class LRUCache(Generic[V]):
 class ServedClassifier:
     """A loaded classifier, its test-time transform and the batcher that runs its forward passes."""
     classifier: Classifier
-    transform: Callable
+    transform: Callable[[list], torch.Tensor]  # a list of images -> one batch of inputs
     batcher: Batcher
 
     @classmethod
     def start(cls, classifier: Classifier, settings: Settings, name: str,
               on_batch: Callable[[int], None] | None = None) -> "ServedClassifier":
-        return cls(classifier, classifier.transform(),
+        return cls(classifier, classifier.batch_transform(),
                    Batcher(classifier.probabilities, settings.predict_max_batch, settings.predict_max_wait_ms,
                            name=name, on_batch=on_batch))
 
     def pixels(self, image_set: ImageSet) -> torch.Tensor:
         """The model's inputs for the images (CPU work: call it off the event loop)."""
-        return torch.stack([self.transform(image_set[i]) for i in range(len(image_set))])
+        return self.transform([image_set[i] for i in range(len(image_set))])
 
     async def predict(self, pixels: torch.Tensor) -> Predictions:
         """Join a batch with other requests' images (`pixels()` of them)."""

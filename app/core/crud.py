@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from celery import Celery
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Connection, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -491,6 +491,20 @@ def classifier_by_id_or_alias(session: Session, tenant_id: str, reference: str) 
         if alias is not None:
             return owned(session, tenant_id, Classifier, alias.classifier_id, "classifier")
     return owned(session, tenant_id, Classifier, reference, "classifier")
+
+
+def artifact_key_of(connection: Connection, tenant_id: str, reference: str) -> str:
+    """The artifact key of a tenant's classifier by id or alias, as `classifier_by_id_or_alias` finds
+    it, in one Core query on a pooled connection: predict asks on every request, and an ORM session
+    with its identity map costs several times the query."""
+    classifier_id = reference if reference.startswith("clf_") else (
+        select(ClassifierAlias.classifier_id)
+        .where(ClassifierAlias.tenant_id == tenant_id, ClassifierAlias.name == reference).scalar_subquery())
+    key = connection.execute(select(Classifier.artifact_key).where(
+        Classifier.id == classifier_id, Classifier.tenant_id == tenant_id)).scalar_one_or_none()
+    if key is None:
+        raise not_found("classifier", reference)
+    return key
 
 
 def set_alias(session: Session, tenant_id: str, name: str, classifier_id: str) -> ClassifierAlias:

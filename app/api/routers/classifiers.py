@@ -12,7 +12,7 @@ from starlette.background import BackgroundTask
 
 from coft import Classifier as CoftClassifier
 from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, run_blocking
-from app.core.db import session_factory
+from app.core.db import get_engine
 from app.api import huggingface
 from app.api.inference import ServedClassifier, decode_images, multipart_files, prediction_items
 from app.api.pagination import PageDep, newest_first
@@ -69,8 +69,8 @@ async def predict(classifier_id: str, request: Request, settings: SettingsDep, s
                                       on_batch=metrics.forward_batch.labels("classifier").observe)
 
     def prepare() -> tuple[huggingface.HFRequest | None, list[str], ServedClassifier, torch.Tensor]:
-        with session_factory(settings.database_url)() as session:
-            artifact_key = get_owned_classifier(session, tenant, classifier_id).artifact_key
+        with get_engine(settings.database_url).connect() as connection:
+            artifact_key = crud.artifact_key_of(connection, tenant.id, classifier_id)
         payload = huggingface.parse_hf_request(body) if huggingface.is_json(content_type) else None
         named = huggingface.hf_images(payload) if payload is not None else \
             multipart_files(content_type, body, "images", settings.data_limits().max_file_bytes)
