@@ -29,7 +29,7 @@ from torch import nn
 
 from coft.augment import StrongAugmentation, train_augmentation
 from coft.backbone import Backbone
-from coft.classifier import Classifier, ImageClassifier, text_head, zero_shot_classifier
+from coft.classifier import Classifier, ImageClassifier, zero_shot_classifier
 from coft.config import DEFAULT_TEMPLATE, Phase2Config
 from coft.image_cache import ImageSource, Subset, cached_images
 from coft.phase2 import fine_tune, fresh_classifier
@@ -89,7 +89,7 @@ class FixMatchConfig:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 10
     template: str = DEFAULT_TEMPLATE
-    # The head is head_scale x the class text embeddings, as Phase II's (coft.phase2.fresh_classifier):
+    # The head is Phase II's (coft.phase2.fresh_classifier), head_scale x the class text embeddings:
     # the threshold and lr then mean the same for any CLIP temperature. None: the backbone's logit scale.
     head_scale: float | None = 25.0
     # ReMixMatch's distribution alignment: weak-view probabilities times (uniform / running mean of the
@@ -247,8 +247,7 @@ def fixmatch(backbone: Backbone, class_names: Sequence[str], images: Sequence[Im
     config = config or FixMatchConfig()
     source = as_source(images, backbone)
     text = class_text_features(backbone, class_names, [config.template])
-    model = ImageClassifier(copy.deepcopy(backbone.model.visual),
-                            text_head(text, config.head_scale or backbone.logit_scale))
+    model = fresh_classifier(backbone, text, Phase2Config(head_scale=config.head_scale))
     model.to(backbone.device).train().requires_grad_(True)
     weak = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
     strong = StrongAugmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip,

@@ -23,7 +23,8 @@ class EvalTransform:
 
     def __init__(self, preprocess_cfg: dict[str, Any]):
         self.geometry = eval_geometry(preprocess_cfg, input_size(preprocess_cfg))
-        # (x / 255 - mean) / std as one multiply and one subtract over the batch
+        # (x / 255 - mean) / std as one multiply and one subtract over the batch: coft.augment.normalize
+        # (kornia) computes the same, with a per-call cost that predict's small batches feel
         std = torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1) / std
