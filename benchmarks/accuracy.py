@@ -324,12 +324,12 @@ def main(argv: list[str] | None = None) -> None:
                 run.update({"task": name, "method": method, "seed": seed, "seconds": time.perf_counter() - began})
                 runs.append(run)
                 print(f"{name} {method} seed {seed}: {100 * run['accuracy']:.1f} ({run['seconds']:.1f}s)", flush=True)
+                if args.json:  # after every run, so that a long sweep stopped early keeps what it measured
+                    args.json.write_text(json.dumps(runs, indent=2))
     print_tables(runs, methods, args.tasks, args.seeds)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f}s, backbone {args.model}, "
           f"torch threads {torch.get_num_threads()}, device {backbone.device}, "
           f"{len(args.tasks)} task(s), {args.num_train or 'default'} train / {args.num_test or 'default'} test images")
-    if args.json:
-        args.json.write_text(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":
