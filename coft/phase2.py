@@ -38,6 +38,11 @@ def fresh_classifier(backbone: Backbone, text_features: torch.Tensor, config: Ph
     return ImageClassifier(copy.deepcopy(backbone.model.visual), head)
 
 
+# A batch's CE on fewer clean samples than this is skipped: a BatchNorm tower (timm, ResNet) cannot
+# train on one sample, and for any tower a one-sample step is noise (as epoch_batches' trailing one).
+MIN_CE_SAMPLES = 2
+
+
 def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, labels: torch.Tensor,
               clean: torch.Tensor, config: Phase2Config, seed: int, report: StageReport | None = None,
               contrastive: MomentumContrast | None = None) -> list[dict]:
@@ -68,7 +73,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
             # Copies to the device never wait: a blocking one would stall the host until the GPU drains.
             targets = labels[kept].to(device, non_blocking=True)
             if contrastive is None:
-                if len(kept) == 0:
+                if len(kept) < MIN_CE_SAMPLES:
                     optimiser.skip()
                 else:
                     with backbone.autocast():
@@ -82,7 +87,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                                                           contrastive)
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
                     loss = nce
-                    if len(kept):
+                    if logits is not None:
                         ce = F.cross_entropy(logits.float(), targets)
                         loss = loss + ce
                         means.add("ce", ce, len(kept))
@@ -104,14 +109,14 @@ def _queries_and_logits(model: ImageClassifier, images: ImageSource, positions: 
     from two forward passes with gradient (the spec) or one shared view (coft_plus.shared_view)."""
     clean = rows.to(pixels.device, non_blocking=True)
     if contrastive.shared_view == "none":  # the CE on the Phase II view, the query on a MoCo v2 view
-        logits = (model(training_inputs(images, positions[rows], augmentation, pixels[clean])) if len(rows)
-                  else None)
+        logits = (model(training_inputs(images, positions[rows], augmentation, pixels[clean]))
+                  if len(rows) >= MIN_CE_SAMPLES else None)
         return model.embed(images.view(pixels, contrastive.augmentation)), logits
     if contrastive.shared_view == "ce":  # the query is the embedding of the CE's Phase II view
         embeddings = model.embed(training_inputs(images, positions, augmentation, pixels))
     else:  # "moco": the CE reads the query's MoCo v2 view
         embeddings = model.embed(images.view(pixels, contrastive.augmentation))
-    return embeddings, model.classify(embeddings[clean])
+    return embeddings, model.classify(embeddings[clean]) if len(rows) >= MIN_CE_SAMPLES else None
 
 
 def interpolate_weights(model: torch.nn.Module, start: dict[str, torch.Tensor], fraction: float) -> None:

@@ -111,8 +111,11 @@ def test_a_phrase_context_reproduces_the_phrase_through_the_models_own_text_path
 
 def test_every_family_adapts_and_its_artifact_reloads(family, images, tmp_path):
     name, backbone = family
-    config = CoFTConfig.from_dict({"pseudo_labels": {"top_k": 2}, "phase1": {"epochs": 1, "batch_size": 4,
-                                   "vpt_tokens": 2}, "phase2": {"epochs": 1, "batch_size": 4}, "eval_batch_size": 8})
+    phase1 = {"epochs": 1, "batch_size": 4, "vpt_tokens": 2}
+    if name == "short-context":  # the default phrase fits; 16 random tokens do not
+        phase1["context_tokens"] = 16
+    config = CoFTConfig.from_dict({"pseudo_labels": {"top_k": 2}, "phase1": phase1,
+                                   "phase2": {"epochs": 1, "batch_size": 4}, "eval_batch_size": 8})
     result = adapt(images, CLASSES, method="coft+", backbone=backbone, config=config)
     assert result.predictions.probabilities.shape == (8, 3)
     loaded = Classifier.load(result.classifier.save(tmp_path / name), device="cpu")
@@ -122,6 +125,25 @@ def test_every_family_adapts_and_its_artifact_reloads(family, images, tmp_path):
         assert used == {"requested": 16, "used": 7}
     else:
         assert used is None
+
+
+def test_a_phase2_batch_with_one_clean_sample_skips_its_ce_for_every_tower(family, images):
+    """A BatchNorm tower (timm's ResNet) cannot train on one sample: such a batch's CE is skipped."""
+    from coft.config import Phase2Config
+    from coft.image_cache import cached_images
+    from coft.phase2 import fine_tune, fresh_classifier
+
+    _, backbone = family
+    source = cached_images(images, backbone.preprocess_cfg, backbone.device)
+    model = fresh_classifier(backbone, F.normalize(torch.randn(3, backbone.model_cfg["embed_dim"]), dim=-1),
+                             Phase2Config())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    clean = torch.zeros(8, dtype=torch.bool)
+    clean[3] = True  # batches of 4: one clean sample in one batch, none in the other
+    history = fine_tune(model, backbone, source, torch.zeros(8, dtype=torch.long), clean,
+                        Phase2Config(epochs=1, batch_size=4), seed=0)
+    assert history == [{"epoch": 1, "ce": None}]
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
 
 def test_a_vision_tower_rebuilt_from_its_config_takes_the_models_weights(family):
