@@ -637,6 +637,7 @@ def test_config_defaults_follow_the_method_spec():
     assert config.pseudo_labels.top_k == 16 and config.pseudo_labels.template == "a photo of a {}."
     p1 = config.phase1
     assert (p1.context_tokens, p1.context_init_std, p1.vpt_tokens, p1.vpt_deep) == (16, 0.02, 20, True)
+    assert p1.context_init == "a photo of a"  # ours: the spec's contexts are random (test below)
     assert (p1.negative_weight, p1.detach_image_in_l2, p1.detach_positive_text_in_l2) == (1.0, False, True)
     assert (p1.lr, p1.momentum, p1.weight_decay, p1.epochs, p1.batch_size) == (0.01, 0.9, 5e-4, 20, 32)
     p2 = config.phase2
@@ -644,6 +645,17 @@ def test_config_defaults_follow_the_method_spec():
     assert (p2.lr, p2.crop_scale_min, p2.momentum, p2.weight_decay, p2.epochs, p2.batch_size, p2.head_init) == (
         5e-3, 0.8, 0.9, 5e-4, 10, 64, "text")
     assert p2.head_scale == 25.0  # a fixed temperature, not CLIP's: the spec's "lr independent of the model's"
+
+
+def test_asking_for_a_context_length_gets_random_contexts_of_that_length():
+    assert CoFTConfig.from_dict({"phase1": {"context_tokens": 8}}).phase1.context_init == ""
+    assert CoFTConfig.from_dict({"phase1": {"context_tokens": 0}}).phase1.context_init == ""
+    both = CoFTConfig.from_dict({"phase1": {"context_tokens": 8, "context_init": "a photo of"}}).phase1
+    assert both.context_init == "a photo of"
+    assert CoFTConfig.from_dict({"phase1": {"epochs": 3}}).phase1.context_init == "a photo of a"
+    # a stored config (every field) reloads as it was
+    stored = CoFTConfig.from_dict({"phase1": {"context_tokens": 8}}).to_dict()
+    assert CoFTConfig.from_dict(stored).phase1.context_init == ""
 
 
 def test_config_from_dict_accepts_nested_partial_overrides():
