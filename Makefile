@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The suite on TEST_WORKERS processes (pytest-xdist): every service fixture (Redis, PostgreSQL, the S3
 # server, the stacks' API and Celery worker) is per process and on free ports, so the workers share nothing.
+# The slowest tests are listed at the end, so that a CI run shows where its time goes.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30
 
 # docs/screenshots/*.png, taken by the dashboard's browser test (needs Debian's chromium).
 screenshots: install
