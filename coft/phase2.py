@@ -69,11 +69,13 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
         for positions in epoch_batches(len(images), config.batch_size, order):
             step += 1
             rows = clean[positions].nonzero().squeeze(1)  # the batch's clean rows
+            if len(rows) < MIN_CE_SAMPLES:  # too few for a CE step: the batch counts as all rejected
+                rows = rows[:0]
             kept = positions[rows]
             # Copies to the device never wait: a blocking one would stall the host until the GPU drains.
             targets = labels[kept].to(device, non_blocking=True)
             if contrastive is None:
-                if len(kept) < MIN_CE_SAMPLES:
+                if len(kept) == 0:
                     optimiser.skip()
                 else:
                     with backbone.autocast():
@@ -87,7 +89,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                                                           contrastive)
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
                     loss = nce
-                    if logits is not None:
+                    if len(kept):
                         ce = F.cross_entropy(logits.float(), targets)
                         loss = loss + ce
                         means.add("ce", ce, len(kept))
@@ -109,14 +111,14 @@ def _queries_and_logits(model: ImageClassifier, images: ImageSource, positions: 
     from two forward passes with gradient (the spec) or one shared view (coft_plus.shared_view)."""
     clean = rows.to(pixels.device, non_blocking=True)
     if contrastive.shared_view == "none":  # the CE on the Phase II view, the query on a MoCo v2 view
-        logits = (model(training_inputs(images, positions[rows], augmentation, pixels[clean]))
-                  if len(rows) >= MIN_CE_SAMPLES else None)
+        logits = (model(training_inputs(images, positions[rows], augmentation, pixels[clean])) if len(rows)
+                  else None)
         return model.embed(images.view(pixels, contrastive.augmentation)), logits
     if contrastive.shared_view == "ce":  # the query is the embedding of the CE's Phase II view
         embeddings = model.embed(training_inputs(images, positions, augmentation, pixels))
     else:  # "moco": the CE reads the query's MoCo v2 view
         embeddings = model.embed(images.view(pixels, contrastive.augmentation))
-    return embeddings, model.classify(embeddings[clean]) if len(rows) >= MIN_CE_SAMPLES else None
+    return embeddings, model.classify(embeddings[clean])
 
 
 def interpolate_weights(model: torch.nn.Module, start: dict[str, torch.Tensor], fraction: float) -> None:
