@@ -3,7 +3,8 @@
     python benchmarks/paired.py runs/a.log runs/b.log [--stage final] [--names A B]
     python benchmarks/paired.py runs/x.log runs/x.log --phase2 '{}' '{"lr": 0.0005}' [--stage model1]
         `tune_dev.py phase2` lines instead, side A those of the first override set, B of the second
-        (stages: model1, model2, final).
+        (stages: model1, model2, final). Override set `phase1` is the Phase I models the clean sets
+        come from (model1 and model2 only): `--phase2 phase1 '{}' --stage model1`.
     python benchmarks/paired.py runs/x.log runs/x.log --overrides '{}' '{"phase1": {"hflip": true}}'
         `tune_dev.py pipeline` lines of one override set per side, where one log holds several.
     python benchmarks/paired.py runs/a.log runs/b.log --accuracy fixmatch-da fixmatch-da
@@ -26,7 +27,7 @@ from pathlib import Path
 LINE = re.compile(r"^(?P<task>\S+) (?P<method>\S+) seed (?P<seed>\d+) (?P<overrides>.*?): test (?P<accuracy>\{.*?\});")
 ACCURACY_LINE = re.compile(r"^(?P<task>\S+) (?P<method>\S+) seed (?P<seed>\d+): (?P<accuracy>[\d.]+) \(")
 PHASE2_LINE = re.compile(r"^(?P<task>\S+) seed (?P<seed>\d+) phase2 (?P<overrides>.*?): test model1/model2/final "
-                         r"(?P<model1>[\d.]+) / (?P<model2>[\d.]+) / (?P<final>[\d.]+);")
+                         r"(?P<model1>[\d.]+) / (?P<model2>[\d.]+)(?: / (?P<final>[\d.]+))?;")
 
 
 def read_runs(path: Path, stage: str, phase2_overrides: str | None = None,
@@ -40,7 +41,7 @@ def read_runs(path: Path, stage: str, phase2_overrides: str | None = None,
             continue
         if phase2_overrides is not None:
             match = PHASE2_LINE.match(line)
-            if match and match["overrides"] == phase2_overrides:
+            if match and match["overrides"] == phase2_overrides and match[stage] is not None:
                 runs[(match["task"], int(match["seed"]))] = float(match[stage])
             continue
         match = LINE.match(line)

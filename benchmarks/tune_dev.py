@@ -122,10 +122,19 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
 
 
 def _cached_filter(task, name: str, seed: int) -> dict:
-    """The filter of a default CoFT run on a dev task (run once, then cached)."""
+    """The filter of a default CoFT run on a dev task, up to Phase II (run once, then cached)."""
     directory = CACHE / f"{name}-seed{seed}"
     if not (directory / "filter.pt").exists():
-        _run(task, seed, {}, checkpoint_dir=directory)
+        # The filter does not depend on Phase II, which the phase2 mode runs itself: none here.
+        result = _run(task, seed, {"phase2": {"epochs": 0}}, checkpoint_dir=directory)
+        # Phase I's test accuracy, so Phase II alone can be read against the models it starts from.
+        accuracy = {k: round(100 * v, 1) for k, v in result.metrics["accuracy"].items()
+                    if not k.startswith(("phase2", "final"))}
+        (directory / "accuracy.json").write_text(json.dumps(accuracy))
+    if (directory / "accuracy.json").exists():  # in phase2's format, "final" left out: paired.py reads it
+        before = json.loads((directory / "accuracy.json").read_text())
+        print(f"{name} seed {seed} phase2 phase1: test model1/model2/final {before['phase1_model1']:.1f} / "
+              f"{before['phase1_model2']:.1f}; zero-shot {before['zero_shot']:.1f}", flush=True)
     return torch.load(directory / "filter.pt", weights_only=True)
 
 
