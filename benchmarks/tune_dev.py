@@ -4,7 +4,8 @@
         one whole CoFT (or CoFT+) run per override set and dev task: the accuracy of every stage.
     python benchmarks/tune_dev.py phase2 '{"lr": 0.0005}' '{"lr": 0.005, "crop_scale_min": 0.8}'
         Phase II alone, on the clean sets of a default CoFT run (cached per task and seed), one
-        line per override set: each Phase II model, their average, and the training CE (label-free).
+        line per override set: each Phase II model, their average, and the training CE (label-free);
+        first a `phase1` line, the Phase I models those clean sets come from.
         `--interpolations 0.5 1.0` also scores each trained pair at those WiSE-FT fractions;
         `--true-labels` trains on the clean images' true labels instead (what a perfect filter gives).
     python benchmarks/tune_dev.py filter
