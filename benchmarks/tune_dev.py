@@ -83,6 +83,7 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
         test_images = cached_images(task.test_images, backbone.preprocess_cfg, backbone.device, train_scale=None)
         for seed in seeds:
             filtered = _cached_filter(task, name, seed)
+            _print_phase1(name, seed)
             text = torch.load(CACHE / f"{name}-seed{seed}" / "zero-shot.pt", weights_only=True)["text_features"]
             for overrides in override_sets:
                 config = CoFTConfig.from_dict(_merge(NO_FLIP, {"phase2": overrides}))
@@ -132,11 +133,16 @@ def _cached_filter(task, name: str, seed: int) -> dict:
         accuracy = {k: round(100 * v, 1) for k, v in result.metrics["accuracy"].items()
                     if not k.startswith(("phase2", "final"))}
         (directory / "accuracy.json").write_text(json.dumps(accuracy))
-    if (directory / "accuracy.json").exists():  # in phase2's format, "final" left out: paired.py reads it
-        before = json.loads((directory / "accuracy.json").read_text())
+    return torch.load(directory / "filter.pt", weights_only=True)
+
+
+def _print_phase1(name: str, seed: int) -> None:
+    """The cached run's Phase I models, in phase2's line format without "final" (paired.py reads it)."""
+    path = CACHE / f"{name}-seed{seed}" / "accuracy.json"
+    if path.exists():
+        before = json.loads(path.read_text())
         print(f"{name} seed {seed} phase2 phase1: test model1/model2/final {before['phase1_model1']:.1f} / "
               f"{before['phase1_model2']:.1f}; zero-shot {before['zero_shot']:.1f}", flush=True)
-    return torch.load(directory / "filter.pt", weights_only=True)
 
 
 def _auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
