@@ -12,7 +12,9 @@ For one generated image set and each method, in one run:
   of the stages before it, so it performs exactly the same optimiser steps and forward passes on the
   same images, labels and clean sets. Stage time / compute time is the data path's overhead;
 - the code before this issue (`--baseline`, a commit, default a0e568e): the same job in a
-  subprocess on a checkout of that commit, with the same images, config and threads.
+  subprocess on a checkout of that commit, with the same images, config and threads; after the two
+  above, or with `--alongside` at the same time as them, on cores of its own (both then run on the
+  same machine under the same load, in about half the wall time).
 Also the decoded-image cache: its build rate, and its size. Peak GPU memory on CUDA.
 """
 
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -259,15 +262,22 @@ def baseline_checkout(commit: str, scratch: Path) -> Path:
     return target
 
 
-def run_baseline(tree: Path, model, pretrained, folder: Path | str, method, threads, overrides, classes,
-                 device) -> dict:
+def start_baseline(tree: Path, model, pretrained, folder: Path | str, method, threads, overrides, classes,
+                   device) -> subprocess.Popen:
+    """The old job in a subprocess; its output goes to files beside the checkout (a pipe nobody reads
+    while it runs would fill and stall it)."""
     environment = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, "-c", BASELINE_JOB, model, pretrained or "", str(folder), method,
-                           str(threads), json.dumps(overrides), json.dumps(classes), device],
-                          env=environment, cwd=tree, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the baseline job failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with open(tree / "job.out", "w") as out, open(tree / "job.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-c", BASELINE_JOB, model, pretrained or "", str(folder), method,
+                                 str(threads), json.dumps(overrides), json.dumps(classes), device],
+                                env=environment, cwd=tree, stdout=out, stderr=err)
+
+
+def finish_baseline(job: subprocess.Popen, tree: Path) -> dict:
+    job.wait()
+    if job.returncode != 0:
+        raise RuntimeError(f"the baseline job failed:\n{(tree / 'job.err').read_text()[-3000:]}")
+    return json.loads((tree / "job.out").read_text().strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- report
@@ -306,6 +316,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads and decoding threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--baseline", default="a0e568e", help='a commit to compare with, or "none"')
+    parser.add_argument("--alongside", action="store_true",
+                        help="run the baseline job at the same time as this code's (on cores of its own: "
+                             "2 x --threads must fit), so both meet the same machine; half the wall time")
     parser.add_argument("--scratch", type=Path, help="where images, weights and checkpoints go (default: temp)")
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args()
@@ -345,6 +358,13 @@ def main() -> None:
         config = CoFTConfig.from_dict({**overrides, "decode_threads": args.threads})
         real_dir = scratch / f"real-{method}"
         shutil.rmtree(real_dir, ignore_errors=True)
+        baseline_job = None
+        if args.baseline != "none":
+            tree = baseline_checkout(args.baseline, scratch)
+            launch = partial(start_baseline, tree, model, pretrained,
+                             f"task:{TASK}:{count}" if args.in_memory else folder, method, args.threads,
+                             before_issue(overrides), classes, args.device)
+            baseline_job = launch() if args.alongside else None
         if sync:
             torch.cuda.reset_peak_memory_stats()
         real, job_s, metrics = run_job(images, classes, method, backbone, config, real_dir, sync)
@@ -360,9 +380,7 @@ def main() -> None:
         print(f"{method}: model compute {sum(limits.values()):.1f} s", flush=True)
         baseline = None
         if args.baseline != "none":
-            tree = baseline_checkout(args.baseline, scratch)
-            baseline = run_baseline(tree, model, pretrained, f"task:{TASK}:{count}" if args.in_memory else folder,
-                                    method, args.threads, before_issue(overrides), classes, args.device)
+            baseline = finish_baseline(baseline_job or launch(), tree)
             print(f"{method}: before {baseline['job_s']:.1f} s", flush=True)
         results["methods"][method] = {"stages": real, "job_s": job_s, "limits": limits, "baseline": baseline,
                                       "image_cache": metrics.get("image_cache"), "peak_gpu_gib": peak}
