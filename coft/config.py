@@ -127,7 +127,9 @@ class CoFTPlusConfig(_Config):
     # Phase II's CE and the contrastive query each need a forward pass of the tower with gradient.
     # "none", the spec: the CE on the Phase II view of the clean samples, the query on a MoCo v2 view
     # of its own. One pass serves both with "ce" (the query is the CE view's embedding) or "moco"
-    # (the CE is computed on the query's MoCo v2 view): about a third less compute.
+    # (the CE is computed on the query's MoCo v2 view): about a third less Phase II compute. Both lose
+    # accuracy on the development tasks: "ce" -0.7 +- 0.3 points for a 1.3x faster job, "moco" -3.6
+    # (benchmarks/RESULTS.md), so the spec's stays.
     shared_view: Literal["none", "ce", "moco"] = "none"
     momentum: float = Field(0.999, ge=0, le=1)  # mu of the EMA key encoder
     temperature: float = Field(0.07, gt=0)  # tau' of InfoNCE
