@@ -8,6 +8,7 @@
         first a `phase1` line, the Phase I models those clean sets come from.
         `--interpolations 0.5 1.0` also scores each trained pair at those WiSE-FT fractions;
         `--true-labels` trains on the clean images' true labels instead (what a perfect filter gives).
+        A "filter" key ('{"filter": {"keep_fraction": 0.5}}') re-selects the clean sets from that run's.
     python benchmarks/tune_dev.py filter
         the filter of that cached run: precision of the kept and rejected labels, and how well the
         other model's p_clean ranks right labels above wrong ones (AUROC) next to the labelling
@@ -39,6 +40,7 @@ from coft.image_cache import cached_images  # noqa: E402
 from coft.phase2 import fine_tune, fresh_classifier, interpolate_weights  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
 from coft.proxy.tasks import DEV_TASKS, load_task  # noqa: E402
+from coft.pseudo_labels import most_trusted  # noqa: E402
 
 NO_FLIP = {"phase1": {"hflip": False}, "phase2": {"hflip": False}}
 CACHE = Path("/tmp/coft-tune-dev")
@@ -86,7 +88,13 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
             _print_phase1(name, seed)
             text = torch.load(CACHE / f"{name}-seed{seed}" / "zero-shot.pt", weights_only=True)["text_features"]
             for overrides in override_sets:
-                config = CoFTConfig.from_dict(_merge(NO_FLIP, {"phase2": overrides}))
+                # A "filter" key is the filter's config; it re-selects from the cached run's validated labels.
+                phase2_overrides = {k: v for k, v in overrides.items() if k != "filter"}
+                config = CoFTConfig.from_dict(_merge(NO_FLIP, {"phase2": phase2_overrides,
+                                                               "filter": overrides.get("filter", {})}))
+                clean = [most_trusted(filtered["clean"][which].bool(), filtered["labels"][which],
+                                      filtered["p_clean"][which] * filtered["confidence"][which],
+                                      config.filter.keep_fraction) for which in (0, 1)]
                 started = time.perf_counter()
                 members, starts, final_ce = [], [], []
                 for which in (0, 1):
@@ -98,7 +106,7 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
                     # labels at this coverage); labels are otherwise used only to measure.
                     labels = torch.tensor(task.train_labels) if true_labels else filtered["labels"][which]
                     history = fine_tune(model, backbone, train_images, labels,
-                                        filtered["clean"][which], config.phase2, seed * 1000 + which)
+                                        clean[which], config.phase2, seed * 1000 + which)
                     members.append(model)
                     final_ce.append(round(history[-1]["ce"], 3))
                 elapsed = time.perf_counter() - started
@@ -150,8 +158,9 @@ def _auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float((scores[positive][:, None] > scores[~positive][None, :]).float().mean())
 
 
-def filter_quality(tasks: list[str], seeds: list[int]) -> None:
-    """How well each model's clean set separates right labels from wrong ones (labels only to measure)."""
+def filter_quality(tasks: list[str], seeds: list[int], thresholds: list[float] | None = None) -> None:
+    """How well each model's clean set separates right labels from wrong ones (labels only to measure);
+    `thresholds`: also the size and precision of the stricter sets p_clean > t."""
     for name in tasks:
         task = load_task(name, 1000, 300)
         truth = torch.tensor(task.train_labels)
@@ -168,6 +177,11 @@ def filter_quality(tasks: list[str], seeds: list[int]) -> None:
                       f"model's p_clean {_auroc(filtered['p_clean'][which], right):.3f}, of the labelling model's "
                       f"own confidence {_auroc(confidence, right):.3f}; the two models agree on {int(agree.sum())} "
                       f"at {100 * right[agree].float().mean():.1f}%", flush=True)
+                if thresholds:
+                    p_clean = filtered["p_clean"][which]
+                    stricter = [f"p_clean > {t}: {int((p_clean > t).sum())} at "
+                                f"{100 * right[p_clean > t].float().mean():.1f}%" for t in thresholds]
+                    print(f"{name} seed {seed} model {which + 1}: {'; '.join(stricter)}", flush=True)
 
 
 def main() -> None:
@@ -181,12 +195,14 @@ def main() -> None:
                         help="phase2 mode only: also evaluate each trained pair at these WiSE-FT fractions")
     parser.add_argument("--true-labels", action="store_true",
                         help="phase2 mode only: train on the clean images' TRUE labels (a perfect filter's)")
+    parser.add_argument("--thresholds", nargs="*", type=float, default=None,
+                        help="filter mode only: also the sets whose p_clean exceeds each of these")
     args = parser.parse_args()
     if args.mode != "filter" and not args.overrides:
         parser.error(f"{args.mode} needs at least one override set, e.g. '{{}}'")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # 1 each for runs side by side
     if args.mode == "filter":
-        filter_quality(args.tasks, args.seeds)
+        filter_quality(args.tasks, args.seeds, args.thresholds)
     elif args.mode == "pipeline":
         pipeline(args.tasks, args.seeds, args.overrides, args.method)
     else:
