@@ -8,8 +8,7 @@
         first a `phase1` line, the Phase I models those clean sets come from.
         `--interpolations 0.5 1.0` also scores each trained pair at those WiSE-FT fractions;
         `--true-labels` trains on the clean images' true labels instead (what a perfect filter gives).
-        A "filter" key ('{"filter": {"keep_fraction": 0.5}}') re-selects the clean sets from that run's.
-    python benchmarks/tune_dev.py filter
+    python benchmarks/tune_dev.py filter [--thresholds 0.6 0.8]
         the filter of that cached run: precision of the kept and rejected labels, and how well the
         other model's p_clean ranks right labels above wrong ones (AUROC) next to the labelling
         model's own confidence.
@@ -40,7 +39,6 @@ from coft.image_cache import cached_images  # noqa: E402
 from coft.phase2 import fine_tune, fresh_classifier, interpolate_weights  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
 from coft.proxy.tasks import DEV_TASKS, load_task  # noqa: E402
-from coft.pseudo_labels import most_trusted  # noqa: E402
 
 NO_FLIP = {"phase1": {"hflip": False}, "phase2": {"hflip": False}}
 CACHE = Path("/tmp/coft-tune-dev")
@@ -88,13 +86,7 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
             _print_phase1(name, seed)
             text = torch.load(CACHE / f"{name}-seed{seed}" / "zero-shot.pt", weights_only=True)["text_features"]
             for overrides in override_sets:
-                # A "filter" key is the filter's config; it re-selects from the cached run's validated labels.
-                phase2_overrides = {k: v for k, v in overrides.items() if k != "filter"}
-                config = CoFTConfig.from_dict(_merge(NO_FLIP, {"phase2": phase2_overrides,
-                                                               "filter": overrides.get("filter", {})}))
-                clean = [most_trusted(filtered["clean"][which].bool(), filtered["labels"][which],
-                                      filtered["p_clean"][which] * filtered["confidence"][which],
-                                      config.filter.keep_fraction) for which in (0, 1)]
+                config = CoFTConfig.from_dict(_merge(NO_FLIP, {"phase2": overrides}))
                 started = time.perf_counter()
                 members, starts, final_ce = [], [], []
                 for which in (0, 1):
@@ -106,7 +98,7 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
                     # labels at this coverage); labels are otherwise used only to measure.
                     labels = torch.tensor(task.train_labels) if true_labels else filtered["labels"][which]
                     history = fine_tune(model, backbone, train_images, labels,
-                                        clean[which], config.phase2, seed * 1000 + which)
+                                        filtered["clean"][which], config.phase2, seed * 1000 + which)
                     members.append(model)
                     final_ce.append(round(history[-1]["ce"], 3))
                 elapsed = time.perf_counter() - started

@@ -83,15 +83,6 @@ class Phase1Config(_Config):
         return values
 
 
-class FilterConfig(_Config):
-    """Which validated labels Phase II trains on."""
-
-    # The spec keeps every label the other model validates (s+ > s-). Below 1, each class keeps only
-    # this fraction of its validated labels, those with the highest p_clean (the other model's) times
-    # the labelling model's own confidence.
-    keep_fraction: float = Field(1.0, gt=0, le=1)
-
-
 class Phase2Config(_Config):
     """Full fine-tuning of a fresh visual encoder + linear head on each model's clean set."""
 
@@ -155,7 +146,6 @@ class CoFTConfig(_Config):
     seed: int = 0
     pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     phase1: Phase1Config = Field(default_factory=Phase1Config)
-    filter: FilterConfig = Field(default_factory=FilterConfig)
     phase2: Phase2Config = Field(default_factory=Phase2Config)
     coft_plus: CoFTPlusConfig = Field(default_factory=CoFTPlusConfig)
     eval_batch_size: int = Field(128, ge=1)

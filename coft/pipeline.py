@@ -172,7 +172,7 @@ def _adapt(run: Adaptation) -> AdaptResult:
     prompt_models = {i: _phase1_rounds(run, i, zero_shot) for i in (1, 2)}  # model index -> its rounds
     filtered = run.stages.run("filter", lambda report: stages.collaborative_filter(
         [prompt_models[1][-1], prompt_models[2][-1]], run.backbone, images, unlabeled, shots,
-        run.config.eval_batch_size, report, run.config.filter.keep_fraction), Filtered)
+        run.config.eval_batch_size, report), Filtered)
     backbone = _phase2_backbone(run)
     members = [_phase2_member(run, i, filtered, backbone) for i in (1, 2)]
     return _finish(run, members, backbone, zero_shot, filtered, prompt_models)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -35,19 +33,6 @@ def validated_by(labels: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor)
     """
     rows = torch.arange(labels.shape[0])
     return s_pos[rows, labels] > s_neg[rows, labels]
-
-
-def most_trusted(clean: torch.Tensor, labels: torch.Tensor, trust: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Of each class's clean labels, the `fraction` (rounded up) with the highest `trust`: a mask.
-
-    Class by class, so that a stricter set keeps the class balance of the filter's; 1.0 keeps them all.
-    """
-    kept = torch.zeros_like(clean, dtype=torch.bool)
-    for c in labels[clean].unique():
-        members = (clean & (labels == c)).nonzero(as_tuple=True)[0]
-        count = math.ceil(fraction * len(members) - 1e-9)  # 0.5 of 3 is 2, and 1.0 is every one, float error aside
-        kept[members[trust[members].argsort(descending=True, stable=True)[:count]]] = True
-    return kept
 
 
 def s_star(probabilities: torch.Tensor, k: int, unlabeled: int,

@@ -22,7 +22,7 @@ from coft.losses import clean_probability
 from coft.phase1 import PromptModel, score_images, train_prompt_model
 from coft.phase2 import fine_tune, fresh_classifier
 from coft.progress import StageReport
-from coft.pseudo_labels import most_trusted, s_star, validated_by
+from coft.pseudo_labels import s_star, validated_by
 from coft.training import in_order
 
 
@@ -115,10 +115,9 @@ def next_round_set(previous: PromptModel, backbone: Backbone, images: ImageSourc
 
 
 def collaborative_filter(models: Sequence[PromptModel], backbone: Backbone, images: ImageSource, unlabeled: int,
-                         shot_labels: torch.Tensor, batch_size: int, report: StageReport,
-                         keep_fraction: float = 1.0) -> Filtered:
+                         shot_labels: torch.Tensor, batch_size: int, report: StageReport) -> Filtered:
     """Each model labels every image with its positive prompts; the other model keeps a label iff
-    its s+ > s- for it (and, with `keep_fraction` below 1, only each class's most trusted of those)."""
+    its s+ > s- for it."""
     scores = [score_images(model, backbone, images, batch_size, lambda f, m, i=i: report((i + f) / 2, m))
               for i, model in enumerate(models)]
     (pos1, neg1), (pos2, neg2) = scores
@@ -129,15 +128,12 @@ def collaborative_filter(models: Sequence[PromptModel], backbone: Backbone, imag
     clean1, clean2 = validated_by(labels1, pos2, neg2), validated_by(labels2, pos1, neg1)
     for labels, clean in ((labels1, clean1), (labels2, clean2)):
         labels[unlabeled:] = shot_labels
-        clean[unlabeled:] = False  # shots are exempt from the filter: they take no class's place below
-    p_clean = [clean_probability(pos2[rows, labels1], neg2[rows, labels1], scale),
-               clean_probability(pos1[rows, labels2], neg1[rows, labels2], scale)]
-    confidence = [(pos1 * scale).softmax(dim=1).max(dim=1).values, (pos2 * scale).softmax(dim=1).max(dim=1).values]
-    clean = [most_trusted(validated, labels, trust * own, keep_fraction)
-             for validated, labels, trust, own in zip((clean1, clean2), (labels1, labels2), p_clean, confidence)]
-    for kept in clean:
-        kept[unlabeled:] = True
-    return Filtered(labels=[labels1, labels2], clean=clean, p_clean=p_clean, confidence=confidence)
+        clean[unlabeled:] = True
+    return Filtered(
+        labels=[labels1, labels2], clean=[clean1, clean2],
+        p_clean=[clean_probability(pos2[rows, labels1], neg2[rows, labels1], scale),
+                 clean_probability(pos1[rows, labels2], neg1[rows, labels2], scale)],
+        confidence=[(pos1 * scale).softmax(dim=1).max(dim=1).values, (pos2 * scale).softmax(dim=1).max(dim=1).values])
 
 
 def phase2(backbone: Backbone, images: ImageSource, text_features: torch.Tensor, filtered: Filtered,

@@ -21,7 +21,7 @@ from coft.phase1 import PromptModel, _losses, train_prompt_model
 from coft.phase2 import fine_tune
 from coft.pipeline import LabelledImages, adapt
 from coft.prompts import class_text_features
-from coft.pseudo_labels import most_trusted, top_k_per_class, validated_by
+from coft.pseudo_labels import top_k_per_class, validated_by
 from coft.vpt import PromptedVisionTransformer, ResidualAdapter, prompted_visual
 
 CLASSES = ["red square", "green circle", "blue thing"]
@@ -223,36 +223,6 @@ def test_pipeline_filter_lets_each_model_judge_the_other(tiny_backbone, tiny_ima
     assert not torch.equal(filtered.clean[1], validated_by(labels2, pos2, neg2))
     kept, kept_labels = filtered.clean_set(1)
     assert kept.tolist() == filtered.clean[0].nonzero().squeeze(1).tolist() and torch.equal(kept_labels, labels1[kept])
-
-
-def test_most_trusted_keeps_each_classs_most_trusted_clean_labels():
-    clean = torch.tensor([True, True, True, False, True, True, True, True])
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    trust = torch.tensor([0.2, 0.9, 0.5, 1.0, 0.1, 0.3, 0.8, 0.7])
-    # class 0: clean 0, 1, 2 (3 is rejected, however trusted); class 1: all four
-    assert most_trusted(clean, labels, trust, 0.5).nonzero().squeeze(1).tolist() == [1, 2, 6, 7]  # ceil(1.5) = 2
-    assert most_trusted(clean, labels, trust, 0.3).nonzero().squeeze(1).tolist() == [1, 6, 7]  # ceil(0.9), ceil(1.2)
-    assert torch.equal(most_trusted(clean, labels, trust, 1.0), clean)
-
-
-def test_pipeline_filter_keep_fraction_narrows_each_clean_set_and_spares_the_shots(tiny_backbone, tiny_source):
-    """keep_fraction ranks each model's validated labels by the other's p_clean times its own
-    confidence; labelled shots (here the last two images) stay in both sets."""
-    from coft.stages import collaborative_filter
-
-    # Nearly identical prompts: the tiny CLIP validates nearly every label, so there is something to narrow.
-    models = [PromptModel(tiny_backbone, CLASSES, Phase1Config(**TINY_PHASE1, context_init_std=0.02), seed)
-              for seed in (1, 2)]
-    shots = torch.tensor([2, 0])
-    everything, half = [collaborative_filter(models, tiny_backbone, tiny_source, 6, shots, 8,
-                                             lambda fraction, message: None, keep_fraction=fraction)
-                        for fraction in (1.0, 0.5)]
-    for i in (0, 1):
-        validated, kept = everything.clean[i][:6], half.clean[i][:6]
-        trust = (half.p_clean[i] * half.confidence[i])[:6]
-        assert torch.equal(kept, most_trusted(validated, half.labels[i][:6], trust, 0.5))
-        assert not (kept & ~validated).any() and kept.sum() < validated.sum()
-        assert half.clean[i][6:].all() and half.labels[i][6:].tolist() == [2, 0]
 
 
 # --------------------------------------------------------------------------- Phase I
