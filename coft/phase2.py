@@ -79,7 +79,8 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     optimiser.skip()
                 else:
                     with backbone.autocast():
-                        ce = F.cross_entropy(model(training_inputs(images, kept, augmentation)).float(), targets)
+                        ce = F.cross_entropy(model(training_inputs(images, kept, augmentation)).float(), targets,
+                                             label_smoothing=config.label_smoothing)
                     optimiser.step(ce)
                     means.add("ce", ce, len(kept))
             else:
@@ -90,7 +91,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
                     loss = nce
                     if len(kept):
-                        ce = F.cross_entropy(logits.float(), targets)
+                        ce = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
                         loss = loss + ce
                         means.add("ce", ce, len(kept))
                 optimiser.step(loss)
