@@ -98,9 +98,6 @@ class Phase2Config(_Config):
     augment: bool = True
     crop_scale_min: float = Field(0.8, gt=0, le=1)
     hflip: bool = True
-    # The CE's targets put this much probability on the other classes, evenly (Szegedy et al. 2016):
-    # pseudo-labels are 50-75% right, and a one-hot target asks the tower to be sure of every one.
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
     head_init: Literal["text", "random"] = "text"  # "text": zero-shot class embeddings
     # The head starts as head_scale x the class text embeddings. A fixed number, not CLIP's logit scale
     # (null), so that lr means the same step for any CLIP temperature (coft.phase2.fresh_classifier).

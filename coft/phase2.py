@@ -79,8 +79,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     optimiser.skip()
                 else:
                     with backbone.autocast():
-                        ce = F.cross_entropy(model(training_inputs(images, kept, augmentation)).float(), targets,
-                                             label_smoothing=config.label_smoothing)
+                        ce = F.cross_entropy(model(training_inputs(images, kept, augmentation)).float(), targets)
                     optimiser.step(ce)
                     means.add("ce", ce, len(kept))
             else:
@@ -91,7 +90,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
                     loss = nce
                     if len(kept):
-                        ce = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                        ce = F.cross_entropy(logits.float(), targets)
                         loss = loss + ce
                         means.add("ce", ce, len(kept))
                 optimiser.step(loss)
