@@ -128,9 +128,9 @@ def test_the_schedule_lists_a_runs_stages_in_order_with_positive_costs(method, e
 def test_the_schedule_follows_the_config():
     config = CoFTConfig.from_dict({"coft_plus": {"rounds": 3, "round_top_k": "grow"}})
     assert rounds(config, "coft+") == 3 and rounds(config, "coft") == 1
-    assert [round_top_k(config, r) for r in (1, 2, 3)] == [32, 64, 96]
+    assert [round_top_k(config, r) for r in (1, 2, 3)] == [16, 32, 48]
     constant = CoFTConfig.from_dict({"coft_plus": {"round_top_k": "constant"}})
-    assert round_top_k(constant, 3) == 32
+    assert round_top_k(constant, 3) == 16
     spec = stage_costs("coft+", CoFTConfig(), 1000, 10)["phase2-model1"]
     shared = stage_costs("coft+", CoFTConfig.from_dict({"coft_plus": {"shared_view": "ce"}}), 1000, 10)
     assert shared["phase2-model1"] < spec  # one forward pass with gradient instead of two
