@@ -13,7 +13,8 @@
         other model's p_clean ranks right labels above wrong ones (AUROC) next to the labelling
         model's own confidence.
 
-Tasks: coft.proxy.tasks.DEV_TASKS, 1,000 train and 300 test images; `--seeds` (default 0).
+Tasks: coft.proxy.tasks.DEV_TASKS, 1,000 train (`--num-train`, pipeline mode) and 300 test images;
+`--seeds` (default 0).
 Labels are used only to measure. Every run starts from `{"phase1": {"hflip": false},
 "phase2": {"hflip": false}}`, as the benchmark does for tasks that mirroring changes.
 """
@@ -58,9 +59,10 @@ def _run(task, seed: int, overrides: dict, checkpoint_dir: Path | None = None, m
                  checkpoint_dir=checkpoint_dir, evaluation=evaluation)
 
 
-def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict], method: str = "coft") -> None:
+def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict], method: str = "coft",
+             num_train: int = 1000) -> None:
     for name in tasks:
-        task = load_task(name, 1000, 300)
+        task = load_task(name, num_train, 300)
         for overrides in override_sets:
             for seed in seeds:
                 started = time.perf_counter()
@@ -70,7 +72,8 @@ def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict], meth
                 precision = {}
                 for key, (indices, labels) in result.selections.items():
                     precision[key] = f"{100 * float((labels == truth[indices]).float().mean()):.1f} ({len(indices)})"
-                print(f"{name} {method} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision (images) {precision}; "
+                size = "" if num_train == 1000 else f" U {num_train}"
+                print(f"{name} {method}{size} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision (images) {precision}; "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
 
 
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(DEV_TASKS), choices=list(DEV_TASKS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--method", default="coft", choices=["coft", "coft+"], help="pipeline mode only")
+    parser.add_argument("--num-train", type=int, default=1000,
+                        help="pipeline mode only: the size of U (a choice should hold at more than one)")
     parser.add_argument("--interpolations", nargs="*", type=float, default=None,
                         help="phase2 mode only: also evaluate each trained pair at these WiSE-FT fractions")
     parser.add_argument("--true-labels", action="store_true",
@@ -196,7 +201,7 @@ def main() -> None:
     if args.mode == "filter":
         filter_quality(args.tasks, args.seeds, args.thresholds)
     elif args.mode == "pipeline":
-        pipeline(args.tasks, args.seeds, args.overrides, args.method)
+        pipeline(args.tasks, args.seeds, args.overrides, args.method, args.num_train)
     else:
         phase2(args.tasks, args.seeds, args.overrides, args.interpolations, args.true_labels)
 

@@ -30,6 +30,10 @@ class _Config(BaseModel):
 
 class PseudoLabelConfig(_Config):
     top_k: int = Field(16, ge=1)  # images per class in S*, capped by how many were predicted as that class
+    # K as a share of the images per class, |U| / C, with top_k as its floor: K = max(top_k,
+    # round(top_k_share x |U| / C)). A fixed count is a large share of a small U and a sliver of a
+    # large one. None: the spec's fixed K.
+    top_k_share: float | None = Field(None, gt=0, le=1)
     template: str = DEFAULT_TEMPLATE
     ensemble: bool = False  # average the built-in template ensemble instead of the single template
 
@@ -37,6 +41,12 @@ class PseudoLabelConfig(_Config):
     @classmethod
     def _template(cls, template: str) -> str:
         return check_template(template)
+
+    def images_per_class(self, unlabeled: int, classes: int) -> int:
+        """K, the images per class S* takes, for a run on `unlabeled` images of `classes` classes."""
+        if self.top_k_share is None or classes == 0:
+            return self.top_k
+        return max(self.top_k, round(self.top_k_share * unlabeled / classes))
 
 
 class Phase1Config(_Config):

@@ -165,7 +165,8 @@ def _adapt(run: Adaptation) -> AdaptResult:
     zero_shot = run.stages.run("zero-shot", lambda report: stages.zero_shot(
         run.backbone, images, *initial_class_features(run.backbone, run.class_names, run.method, run.config,
                                                       run.descriptions, run.llm),
-        run.config.pseudo_labels.top_k, unlabeled, shots, run.config.eval_batch_size, report), ZeroShot)
+        round_top_k(run.config, 1, unlabeled, len(run.class_names)), unlabeled, shots, run.config.eval_batch_size,
+        report), ZeroShot)
     if run.method == "zero-shot":
         members = zero_shot_classifier(run.backbone, run.class_names, zero_shot.text_features).members
         return _finish(run, list(members), run.backbone, zero_shot)
@@ -198,9 +199,10 @@ def _phase1_rounds(run: Adaptation, model_index: int, zero_shot: ZeroShot) -> li
             if round_ == 1:
                 indices, labels = zero_shot.s_star_indices, zero_shot.s_star_labels
                 return stages.phase1(run.backbone, run.class_names, images, indices, labels, config, seed, report)
+            top_k = round_top_k(config, round_, run.images.unlabeled, len(run.class_names))
             indices, labels = stages.next_round_set(
-                models[-1], run.backbone, images, round_top_k(config, round_), run.images.unlabeled,
-                run.images.shot_labels, config.eval_batch_size, lambda f, m: report(0.1 * f, m))
+                models[-1], run.backbone, images, top_k, run.images.unlabeled, run.images.shot_labels,
+                config.eval_batch_size, lambda f, m: report(0.1 * f, m))
             return stages.phase1(run.backbone, run.class_names, images, indices, labels, config, seed,
                                  lambda f, m: report(0.1 + 0.9 * f, m))
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from coft.config import CoFTConfig
 
 
-def round_top_k(config: CoFTConfig, round_: int) -> int:
+def round_top_k(config: CoFTConfig, round_: int, unlabeled: int, classes: int) -> int:
     """Images per class in round r's S*: K, or r*K when CoFT+'s rounds grow it (coft_plus.round_top_k)."""
-    return config.pseudo_labels.top_k * (round_ if config.coft_plus.round_top_k == "grow" else 1)
+    top_k = config.pseudo_labels.images_per_class(unlabeled, classes)
+    return top_k * (round_ if config.coft_plus.round_top_k == "grow" else 1)
 
 
 def rounds(config: CoFTConfig, method: str) -> int:
@@ -24,12 +25,12 @@ def stage_costs(method: str, config: CoFTConfig, images: int, classes: int, shot
     """Every stage of a run of `method` on `images` (shots included), in order, and its expected cost."""
     costs = {"decode": 0.5 * images, "zero-shot": float(images)}
     if method in ("coft", "coft+"):
-        epochs = config.phase1.epochs
+        epochs, unlabeled = config.phase1.epochs, images - shots
         for i in (1, 2):
-            costs[f"phase1-model{i}"] = 3.0 * epochs * (min(images, classes * config.pseudo_labels.top_k) + shots)
-            for round_ in range(2, rounds(config, method) + 1):
-                s_star = min(images, classes * round_top_k(config, round_)) + shots
-                costs[f"phase1-model{i}-round{round_}"] = images + 3.0 * epochs * s_star
+            for round_ in range(1, rounds(config, method) + 1):
+                s_star = min(unlabeled, classes * round_top_k(config, round_, unlabeled, classes)) + shots
+                scoring = images if round_ > 1 else 0  # the previous round's model labels U first
+                costs[f"phase1-model{i}" + (f"-round{round_}" if round_ > 1 else "")] = scoring + 3.0 * epochs * s_star
         costs["filter"] = 2.0 * images
         # CE on the clean ~70%; the contrastive term adds a key pass without gradient on all of U and a
         # query pass with gradient, or, when the two share a view, turns the CE pass into one on all.

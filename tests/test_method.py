@@ -534,6 +534,16 @@ def test_coft_adapt_runs_with_progress_and_quality_signals(tiny_backbone, tiny_i
     assert accuracy["zero_shot"] == pytest.approx((zero_shot.predictions.indices == truth).float().mean().item())
 
 
+def test_s_star_takes_a_share_of_the_images_per_class_when_asked(tiny_backbone, tiny_images):
+    config = tiny_config(pseudo_labels={"top_k": 1, "top_k_share": 1.0}, phase2={"epochs": 0, "batch_size": 4})
+    result = adapt(tiny_images, CLASSES, method="coft", backbone=tiny_backbone, config=config)
+    k = round(len(tiny_images) / len(CLASSES))
+    predicted = torch.bincount(result.selections["zero_shot"][1], minlength=len(CLASSES))
+    indices, labels = result.selections["s_star"]
+    assert k > 1 and len(indices) == int(predicted.clamp(max=k).sum()) == result.metrics["s_star_size"]
+    assert torch.equal(torch.bincount(labels, minlength=len(CLASSES)), predicted.clamp(max=k))
+
+
 def test_coft_without_phase2_steps_is_zero_shot(tiny_backbone, tiny_images):
     """Phase II starts from a fresh pre-trained tower and the text head: with no step, it is zero-shot CLIP
     (its labels; and its probabilities too when the head takes CLIP's own temperature, head_scale null)."""

@@ -128,13 +128,36 @@ def test_the_schedule_lists_a_runs_stages_in_order_with_positive_costs(method, e
 def test_the_schedule_follows_the_config():
     config = CoFTConfig.from_dict({"coft_plus": {"rounds": 3, "round_top_k": "grow"}})
     assert rounds(config, "coft+") == 3 and rounds(config, "coft") == 1
-    assert [round_top_k(config, r) for r in (1, 2, 3)] == [16, 32, 48]
+    assert [round_top_k(config, r, 1000, 10) for r in (1, 2, 3)] == [16, 32, 48]
     constant = CoFTConfig.from_dict({"coft_plus": {"round_top_k": "constant"}})
-    assert round_top_k(constant, 3) == 16
+    assert round_top_k(constant, 3, 1000, 10) == 16
     spec = stage_costs("coft+", CoFTConfig(), 1000, 10)["phase2-model1"]
     shared = stage_costs("coft+", CoFTConfig.from_dict({"coft_plus": {"shared_view": "ce"}}), 1000, 10)
     assert shared["phase2-model1"] < spec  # one forward pass with gradient instead of two
     assert "phase1-model1-round3" in stage_costs("coft+", config, 1000, 10)
+
+
+@pytest.mark.parametrize("unlabeled, classes, expected", [
+    (1000, 10, 30),  # 0.3 x 100 per class
+    (600, 10, 18),
+    (400, 10, 16),  # 0.3 x 40 = 12: top_k is the floor
+    (5, 10, 16),
+])
+def test_k_as_a_share_of_the_images_per_class_has_top_k_as_its_floor(unlabeled, classes, expected):
+    config = CoFTConfig.from_dict({"pseudo_labels": {"top_k_share": 0.3}})
+    assert round_top_k(config, 1, unlabeled, classes) == expected
+    assert CoFTConfig().pseudo_labels.images_per_class(unlabeled, classes) == 16  # the spec's fixed K
+    grown = CoFTConfig.from_dict({"pseudo_labels": {"top_k_share": 0.3}, "coft_plus": {"round_top_k": "grow"}})
+    assert round_top_k(grown, 2, unlabeled, classes) == 2 * expected
+    # Phase I's expected cost follows S*'s size, so progress and ETA stay honest.
+    cost = stage_costs("coft", config, unlabeled, classes)["phase1-model1"]
+    assert cost == 3.0 * config.phase1.epochs * min(unlabeled, classes * expected)
+
+
+@pytest.mark.parametrize("share", [0, -0.1, 1.5, "0.3"])
+def test_a_share_outside_0_to_1_is_refused_naming_the_field(share):
+    with pytest.raises(ValueError, match="pseudo_labels.top_k_share"):
+        CoFTConfig.from_dict({"pseudo_labels": {"top_k_share": share}})
 
 
 # --------------------------------------------------------------------------- quality signals
