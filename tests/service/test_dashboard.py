@@ -125,7 +125,7 @@ def test_a_user_adapts_reviews_corrects_and_retrains_in_the_browser(browser, wor
     page.click("#job-form button[type=submit]")
     page.wait_for_url("**/ui/#/jobs/job_*")
     job_id = page.url.rsplit("/", 1)[1]
-    percents = _observe(page, "#job-percent", lambda text: text == "100%", 120, "the job to reach 100%")
+    percents = _observe(page, "#job-percent", lambda text: text == "100%", 300, "the job to reach 100%")
     assert len(percents) >= 3, percents  # seen moving, not only at its ends
     page.locator("#job-status", has_text="succeeded").wait_for()
     job = api.get(f"/v1/jobs/{job_id}").json()
@@ -188,7 +188,7 @@ def test_a_user_adapts_reviews_corrects_and_retrains_in_the_browser(browser, wor
     page.wait_for_url(lambda url: job_id not in url)
     child_id = page.url.rsplit("/", 1)[1]
     page.locator("#parent-link", has_text=job_id).wait_for()
-    _observe(page, "#job-percent", lambda text: text == "100%", 120, "the child job to reach 100%")
+    _observe(page, "#job-percent", lambda text: text == "100%", 300, "the child job to reach 100%")
     page.locator("#job-status", has_text="succeeded").wait_for()
     child = api.get(f"/v1/jobs/{child_id}").json()
     assert child["parent_job_id"] == job_id and child["labels"] == corrected
