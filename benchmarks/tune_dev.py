@@ -72,8 +72,8 @@ def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict], meth
                 precision = {}
                 for key, (indices, labels) in result.selections.items():
                     precision[key] = f"{100 * float((labels == truth[indices]).float().mean()):.1f} ({len(indices)})"
-                size = "" if num_train == 1000 else f" U {num_train}"
-                print(f"{name} {method}{size} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision (images) {precision}; "
+                label = name if num_train == 1000 else f"{name}@{num_train}"  # the size of U, when not the default
+                print(f"{label} {method} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision (images) {precision}; "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
 
 
