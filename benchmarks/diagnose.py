@@ -72,7 +72,8 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: 
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
 
     train_logits = _zero_shot_logits(backbone, text, train_images)
-    indices, labels = top_k_per_class(train_logits.softmax(dim=1), config.pseudo_labels.top_k)
+    top_k = config.pseudo_labels.images_per_class(len(task.train_labels), len(task.class_names))
+    indices, labels = top_k_per_class(train_logits.softmax(dim=1), top_k)
     truth = torch.tensor(task.train_labels)
     if training_set == "all-true":
         indices = torch.arange(len(truth))
@@ -111,7 +112,7 @@ def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> 
     task = load_task(task_name, 1000, 300)
     train_images, test_images = _sources(backbone, task)
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}})
-    k = config.pseudo_labels.top_k
+    k = config.pseudo_labels.images_per_class(len(task.train_labels), len(task.class_names))
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
     indices, labels = top_k_per_class(_zero_shot_logits(backbone, text, train_images).softmax(dim=1), k)
     truth = torch.tensor(task.train_labels)
