@@ -52,7 +52,7 @@ def test_an_untrained_phase1_is_reported_as_not_fitted(tiny_backbone, tiny_image
 
 
 def test_phase1_fits_s_star_within_the_default_budget_on_a_proxy_task():
-    """The default Phase I schedule (20 epochs: 180 steps on this task's S* of 300) fits its pseudo-labels:
+    """The default Phase I schedule (20 epochs: 200 steps on this task's S* of 300) fits its pseudo-labels:
     at least 95% of S* gets back the label it was trained on, for both models, and no fit warning."""
     from coft.backbone import load_backbone
     from coft.proxy.tasks import load_task
