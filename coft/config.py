@@ -66,6 +66,11 @@ class Phase1Config(_Config):
     vpt_deep: bool = True
     vpt_init_std: float = Field(0.02, ge=0)
     negative_weight: float = Field(1.0, ge=0)  # lambda
+    # L1's loss: 0 is the cross-entropy (the paper); q in (0, 1] the generalised cross-entropy, which
+    # down-weights labels the model doubts (coft.losses.positive_loss). S*'s wrong labels are zero-shot's
+    # surest, which Phase I agrees with from its first step: at q 0.7 it still fits 98% of them and ties
+    # the cross-entropy end to end (benchmarks/RESULTS.md, "A noise-robust L1"), so the paper's stays.
+    gce_q: float = Field(0.0, ge=0, le=1)
     # L2's other class yhat: "uniform" over the other classes (the paper), or "confusable": drawn
     # with the probability the positive prompts give it, so the negative prompt learns to reject
     # the confusions real pseudo-label errors are made of. On the development tasks it made the clean

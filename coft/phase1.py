@@ -100,7 +100,7 @@ def _losses(model: PromptModel, pixels, labels, config: Phase1Config, generator:
     image = model.image_features(pixels).float()
     text_pos, text_neg = (features.float() for features in model.prompts.both())
     s_pos = cosines(image, text_pos)
-    l1 = positive_loss(s_pos, labels, model.scale)
+    l1 = positive_loss(s_pos, labels, model.scale, config.gce_q)
     if others is None:
         others = (confusable_other_labels(s_pos * model.scale, labels, generator)
                   if config.negative_classes == "confusable"

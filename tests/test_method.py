@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from coft.classifier import ARTIFACT_FORMAT, METADATA_FILE, Classifier, ImageClassifier, Predictions, text_head
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
@@ -101,6 +102,27 @@ def test_positive_loss_is_cross_entropy_of_scaled_similarities():
     labels = torch.tensor([2, 0])
     expected = -(torch.log_softmax(s_pos * 14.0, dim=1)[torch.arange(2), labels]).mean()
     torch.testing.assert_close(positive_loss(s_pos, labels, 14.0), expected)
+
+
+def test_generalised_positive_loss_spans_cross_entropy_to_mae_and_pulls_less_on_doubted_labels():
+    s_pos = torch.tensor([[0.3, -0.1, 0.05], [0.2, 0.25, -0.4]])
+    labels = torch.tensor([2, 0])
+    p_label = torch.softmax(s_pos * 14.0, dim=1)[torch.arange(2), labels]
+    torch.testing.assert_close(positive_loss(s_pos, labels, 14.0, gce_q=1.0), (1 - p_label).mean())
+    torch.testing.assert_close(positive_loss(s_pos, labels, 14.0, gce_q=1e-4), positive_loss(s_pos, labels, 14.0),
+                               rtol=1e-3, atol=1e-3)
+
+    def gradient_norms(q: float) -> torch.Tensor:
+        # row 0: the model already agrees with its label; row 1: it gives its label 2% (a likely wrong one)
+        logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]], requires_grad=True)
+        positive_loss(logits, torch.tensor([0, 2]), 1.0, gce_q=q).backward()
+        return logits.grad.norm(dim=1)
+
+    cross_entropy, generalised = gradient_norms(0.0), gradient_norms(0.7)
+    # the doubted label's share of the gradient shrinks under the generalised loss
+    assert generalised[1] / generalised[0] < cross_entropy[1] / cross_entropy[0]
+    with pytest.raises(ValidationError):
+        Phase1Config(gce_q=1.5)
 
 
 def test_random_other_labels_never_the_label_and_covers_every_other_class():
