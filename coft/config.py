@@ -38,6 +38,10 @@ class PseudoLabelConfig(_Config):
     top_k_share: float | None = Field(0.3, gt=0, le=1)
     template: str = DEFAULT_TEMPLATE
     ensemble: bool = False  # average the built-in template ensemble instead of the single template
+    # Step 0 ranks S* by the mean zero-shot softmax over this many views of each image: the test-time
+    # view and views - 1 random Phase I crops (phase1.crop_scale_min, phase1.hflip). 1: the test-time
+    # view alone (the spec).
+    views: int = Field(1, ge=1)
 
     @field_validator("template")
     @classmethod

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from coft import convergence, seeding, stages
+from coft.augment import train_augmentation
 from coft.backbone import PROXY_MODEL, Backbone, load_backbone
 from coft.checkpoints import Checkpoints, run_fingerprint
 from coft.classifier import Classifier, ImageClassifier, Predictions, zero_shot_classifier
@@ -166,7 +167,9 @@ def _adapt(run: Adaptation) -> AdaptResult:
         run.backbone, images, *initial_class_features(run.backbone, run.class_names, run.method, run.config,
                                                       run.descriptions, run.llm),
         round_top_k(run.config, 1, unlabeled, len(run.class_names)), unlabeled, shots, run.config.eval_batch_size,
-        report), ZeroShot)
+        report, run.config.pseudo_labels.views,
+        train_augmentation(run.backbone.preprocess_cfg, run.config.phase1.crop_scale_min, run.config.phase1.hflip)),
+        ZeroShot)
     if run.method == "zero-shot":
         members = zero_shot_classifier(run.backbone, run.class_names, zero_shot.text_features).members
         return _finish(run, list(members), run.backbone, zero_shot)

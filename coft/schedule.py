@@ -23,7 +23,7 @@ def rounds(config: CoFTConfig, method: str) -> int:
 
 def stage_costs(method: str, config: CoFTConfig, images: int, classes: int, shots: int = 0) -> dict[str, float]:
     """Every stage of a run of `method` on `images` (shots included), in order, and its expected cost."""
-    costs = {"decode": 0.5 * images, "zero-shot": float(images)}
+    costs = {"decode": 0.5 * images, "zero-shot": float(images * config.pseudo_labels.views)}
     if method in ("coft", "coft+"):
         epochs, unlabeled = config.phase1.epochs, images - shots
         for i in (1, 2):

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from coft.backbone import Backbone
 from coft.classifier import ImageClassifier
 from coft.config import CoFTConfig
 from coft.contrastive import MomentumContrast, queue_size
-from coft.image_cache import ImageSource
+from coft.image_cache import ImageSource, training_inputs
 from coft.losses import clean_probability
 from coft.phase1 import PromptModel, score_images, train_prompt_model
 from coft.phase2 import fine_tune, fresh_classifier
@@ -74,13 +75,14 @@ class FineTuned:
 
 
 @torch.no_grad()
-def encode(backbone: Backbone, images: ImageSource, batch_size: int,
-           report: StageReport | None = None) -> torch.Tensor:
-    """[N, D] unit-norm embeddings of the frozen backbone, test-time views, on its device."""
+def encode(backbone: Backbone, images: ImageSource, batch_size: int, report: StageReport | None = None,
+           augmentation: nn.Module | None = None) -> torch.Tensor:
+    """[N, D] unit-norm embeddings of the frozen backbone, on its device: of the test-time views, or
+    of one random view of each image under `augmentation`."""
     features = []
     for positions in in_order(len(images), batch_size):
         with backbone.autocast():
-            embedded = backbone.model.encode_image(images.test_view(positions))
+            embedded = backbone.model.encode_image(training_inputs(images, positions, augmentation))
         features.append(torch.nn.functional.normalize(embedded.float(), dim=-1))
         if report is not None:
             report(int(positions[-1] + 1) / len(images), "encoding images")
@@ -88,9 +90,15 @@ def encode(backbone: Backbone, images: ImageSource, batch_size: int,
 
 
 def zero_shot(backbone: Backbone, images: ImageSource, text_features: torch.Tensor, prompt_source: dict, top_k: int,
-              unlabeled: int, shot_labels: torch.Tensor, batch_size: int, report: StageReport) -> ZeroShot:
-    image_features = encode(backbone, images, batch_size, report)
-    probabilities = (backbone.logit_scale * image_features @ text_features.T).softmax(dim=1).cpu()
+              unlabeled: int, shot_labels: torch.Tensor, batch_size: int, report: StageReport, views: int = 1,
+              augmentation: nn.Module | None = None) -> ZeroShot:
+    """CLIP's labels and S*, from the mean softmax over `views` views: the test-time one, then random
+    ones under `augmentation`. Averaging views steadies the ranking that picks S*."""
+    probabilities = torch.zeros(len(images), len(text_features))
+    for view in range(views):
+        image_features = encode(backbone, images, batch_size, lambda f, m: report((view + f) / views, m),
+                                augmentation if view > 0 else None)
+        probabilities += (backbone.logit_scale * image_features @ text_features.T).softmax(dim=1).cpu() / views
     indices, labels = s_star(probabilities, top_k, unlabeled, shot_labels)
     confidence, predicted = probabilities.max(dim=1)
     return ZeroShot(text_features.cpu(), predicted, confidence, indices, labels, **prompt_source)

@@ -732,3 +732,33 @@ def test_phase1_runs_at_least_min_steps_however_small_s_star_is(tiny_backbone, t
                                     config, seed=1, report=lambda fraction, message: steps.append(message))
     assert len(steps) == 10 and steps[-1] == "epoch 5/5"  # ceil(9 / 2) passes
     assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5]
+
+
+def test_zero_shot_ranks_s_star_by_the_mean_softmax_over_its_views(tiny_backbone, tiny_source):
+    """views 1 is the spec's test-time view; views n averages it with n - 1 random Phase I crops."""
+    from coft.augment import train_augmentation
+    from coft.stages import encode, zero_shot
+
+    text = class_text_features(tiny_backbone, CLASSES, ["a photo of a {}."])
+    crops = train_augmentation(tiny_backbone.preprocess_cfg, 0.3, True)
+
+    def softmax(features: torch.Tensor) -> torch.Tensor:
+        return (tiny_backbone.logit_scale * features @ text.T).softmax(dim=1)
+
+    def stage(views: int):
+        torch.manual_seed(5)
+        return zero_shot(tiny_backbone, tiny_source, text, {"prompt_source": "template"}, 2, len(tiny_source),
+                         torch.empty(0, dtype=torch.long), 4, lambda f, m: None, views, crops)
+
+    single, averaged = stage(1), stage(3)
+    torch.testing.assert_close(single.confidence, softmax(encode(tiny_backbone, tiny_source, 4)).max(dim=1).values)
+    torch.manual_seed(5)
+    views = [softmax(encode(tiny_backbone, tiny_source, 4))]
+    views += [softmax(encode(tiny_backbone, tiny_source, 4, augmentation=crops)) for _ in range(2)]
+    mean = torch.stack(views).mean(dim=0)
+    torch.testing.assert_close(averaged.confidence, mean.max(dim=1).values)
+    assert torch.equal(averaged.labels, mean.argmax(dim=1))
+    assert not torch.allclose(averaged.confidence, single.confidence)  # the crops were used
+    expected_indices, expected_labels = top_k_per_class(mean, 2)
+    assert averaged.s_star_indices.tolist() == expected_indices.tolist()
+    assert averaged.s_star_labels.tolist() == expected_labels.tolist()
