@@ -40,7 +40,8 @@ class PseudoLabelConfig(_Config):
     ensemble: bool = False  # average the built-in template ensemble instead of the single template
     # Step 0 ranks S* by the mean zero-shot softmax over this many views of each image: the test-time
     # view and views - 1 random Phase I crops (phase1.crop_scale_min, phase1.hflip). 1: the test-time
-    # view alone (the spec).
+    # view alone (the spec). On the development tasks 8 views made S* 4-7 points more precise but the
+    # job 0.9 +- 1.0 points worse: Phase I lost 0.9-1.5 (benchmarks/RESULTS.md, "S* ranked over 8 views").
     views: int = Field(1, ge=1)
 
     @field_validator("template")
