@@ -121,6 +121,9 @@ class Phase2Config(_Config):
     crop_scale_min: float = Field(0.8, gt=0, le=1)
     hflip: bool = True
     head_init: Literal["text", "random"] = "text"  # "text": zero-shot class embeddings
+    # The CE on the clean sets: 0 the cross-entropy (the paper); q in (0, 1] the generalised cross-entropy
+    # (coft.losses.classification_loss), which down-weights the clean labels the model doubts.
+    gce_q: float = Field(0.0, ge=0, le=1)
     # The head starts as head_scale x the class text embeddings. A fixed number, not CLIP's logit scale
     # (null), so that lr means the same step for any CLIP temperature (coft.phase2.fresh_classifier).
     head_scale: float | None = Field(25.0, gt=0)

@@ -10,18 +10,23 @@ import torch
 import torch.nn.functional as F
 
 
-def positive_loss(s_pos: torch.Tensor, labels: torch.Tensor, scale: float, gce_q: float = 0.0) -> torch.Tensor:
-    """L1: cross-entropy of the positive-prompt classifier against the pseudo-labels.
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, gce_q: float = 0.0) -> torch.Tensor:
+    """The cross-entropy, or with gce_q > 0 the generalised cross-entropy (1 - p_y^q) / q of Zhang &
+    Sabuncu (2018).
 
-    With gce_q > 0, the generalised cross-entropy (1 - p_y^q) / q of Zhang & Sabuncu (2018): it tends
-    to the cross-entropy as q -> 0 and to the mean absolute error at q = 1, and weighs each sample's
-    gradient by p_y^q, so a label the model keeps disagreeing with (often a wrong one) pulls less.
+    GCE tends to the cross-entropy as q -> 0 and to the mean absolute error at q = 1. It weighs each
+    sample's gradient by p_y^q, so a label the model keeps disagreeing with (often a wrong one) pulls less.
     """
-    logits = s_pos * scale
     if gce_q == 0:
         return F.cross_entropy(logits, labels)
     p_label = logits.float().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
     return ((1 - p_label.clamp_min(1e-12) ** gce_q) / gce_q).mean()
+
+
+def positive_loss(s_pos: torch.Tensor, labels: torch.Tensor, scale: float, gce_q: float = 0.0) -> torch.Tensor:
+    """L1: cross-entropy of the positive-prompt classifier against the pseudo-labels (or its
+    generalised form, `classification_loss`)."""
+    return classification_loss(s_pos * scale, labels, gce_q)
 
 
 def clean_probability(s_pos: torch.Tensor, s_neg: torch.Tensor, scale: float) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from coft.augment import train_augmentation
 from coft.backbone import Backbone
@@ -19,6 +18,7 @@ from coft.classifier import ImageClassifier, text_head
 from coft.config import Phase2Config
 from coft.contrastive import MomentumContrast
 from coft.image_cache import ImageSource, training_inputs
+from coft.losses import classification_loss
 from coft.progress import StageReport
 from coft.training import LossMeans, Optimiser, epoch_batches, steps_per_epoch
 
@@ -79,7 +79,8 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     optimiser.skip()
                 else:
                     with backbone.autocast():
-                        ce = F.cross_entropy(model(training_inputs(images, kept, augmentation)).float(), targets)
+                        ce = classification_loss(model(training_inputs(images, kept, augmentation)).float(), targets,
+                                                 config.gce_q)
                     optimiser.step(ce)
                     means.add("ce", ce, len(kept))
             else:
@@ -90,7 +91,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
                     loss = nce
                     if len(kept):
-                        ce = F.cross_entropy(logits.float(), targets)
+                        ce = classification_loss(logits.float(), targets, config.gce_q)
                         loss = loss + ce
                         means.add("ce", ce, len(kept))
                 optimiser.step(loss)

@@ -411,6 +411,23 @@ def test_phase2_rejected_samples_do_not_contribute(tiny_backbone, tiny_images, t
         assert torch.equal(results[0][key], results[1][key]), key
 
 
+def test_phase2_generalised_ce_reaches_the_training_step(tiny_backbone, tiny_source):
+    """phase2.gce_q changes Phase II's update; near 0 it is the cross-entropy's."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trained = {}
+    for q in (0.0, 1e-6, 0.7):
+        model = _phase2_model(tiny_backbone)
+        torch.manual_seed(0)
+        fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool),
+                  PHASE2.model_copy(update={"gce_q": q}), seed=3)
+        trained[q] = clip_parameters(model)
+    head = [name for name in trained[0.0] if not name.startswith("visual.")]
+    assert head
+    for name in trained[0.0]:
+        torch.testing.assert_close(trained[1e-6][name], trained[0.0][name], rtol=1e-3, atol=1e-5)
+    assert any(not torch.allclose(trained[0.7][name], trained[0.0][name], atol=1e-5) for name in head)
+
+
 def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_backbone, tiny_images, tiny_source):
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     clean = torch.ones(8, dtype=torch.bool)
