@@ -1,7 +1,8 @@
 """Choose the hyperparameters the spec leaves open on the DEVELOPMENT tasks, never on the benchmark's.
 
     python benchmarks/tune_dev.py pipeline '{}' '{"pseudo_labels": {"top_k": 32}}' [--method coft+]
-        one whole CoFT (or CoFT+) run per override set and dev task: the accuracy of every stage.
+        one whole CoFT (or CoFT+) run per override set and dev task: the accuracy of every stage, the
+        precision of its pseudo-labels, and each trained model's agreement with its own training labels.
     python benchmarks/tune_dev.py phase2 '{"lr": 0.0005}' '{"lr": 0.005, "crop_scale_min": 0.8}'
         Phase II alone, on the clean sets of a default CoFT run (cached per task and seed), one
         line per override set: each Phase II model, their average, and the training CE (label-free);
@@ -72,9 +73,10 @@ def pipeline(tasks: list[str], seeds: list[int], override_sets: list[dict], meth
                 precision = {}
                 for key, (indices, labels) in result.selections.items():
                     precision[key] = f"{100 * float((labels == truth[indices]).float().mean()):.1f} ({len(indices)})"
+                fits = {stage: round(100 * fit["agreement"], 1) for stage, fit in result.metrics.get("fit", {}).items()}
                 label = name if num_train == 1000 else f"{name}@{num_train}"  # the size of U, when not the default
                 print(f"{label} {method} seed {seed} {json.dumps(overrides)}: test {accuracy}; label precision (images) {precision}; "
-                      f"{time.perf_counter() - started:.0f}s", flush=True)
+                      f"training-label agreement {fits}; {time.perf_counter() - started:.0f}s", flush=True)
 
 
 def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
