@@ -77,10 +77,6 @@ class Phase1Config(_Config):
     # surest, which Phase I agrees with from its first step: at q 0.7 it still fits 98% of them and ties
     # the cross-entropy end to end (benchmarks/RESULTS.md, "A noise-robust L1"), so the paper's stays.
     gce_q: float = Field(0.0, ge=0, le=1)
-    # Soft targets: the CE's target is (1 - a) x the clean label's one-hot + a x the softmax of the
-    # Phase I model that gave the label (its argmax is the label, so the target's class is unchanged).
-    # The Phase II student then learns how sure its teacher was, not only its answer. 0 is the paper's.
-    soft_targets: float = Field(0.0, ge=0, le=1)
     # L2's other class yhat: "uniform" over the other classes (the paper), or "confusable": drawn
     # with the probability the positive prompts give it, so the negative prompt learns to reject
     # the confusions real pseudo-label errors are made of. On the development tasks it made the clean
@@ -132,10 +128,6 @@ class Phase2Config(_Config):
     # 2,000, where it loses the noisiest task on every seed (benchmarks/RESULTS.md, "Generalised CE in
     # Phase II, to a decision"). It does not hold as U grows, so the paper's stays.
     gce_q: float = Field(0.0, ge=0, le=1)
-    # Soft targets: the CE's target is (1 - a) x the clean label's one-hot + a x the softmax of the
-    # Phase I model that gave the label (its argmax is the label, so the target's class is unchanged).
-    # The Phase II student then learns how sure its teacher was, not only its answer. 0 is the paper's.
-    soft_targets: float = Field(0.0, ge=0, le=1)
     # The head starts as head_scale x the class text embeddings. A fixed number, not CLIP's logit scale
     # (null), so that lr means the same step for any CLIP temperature (coft.phase2.fresh_classifier).
     head_scale: float | None = Field(25.0, gt=0)
@@ -146,12 +138,6 @@ class Phase2Config(_Config):
     weight_interpolation: float = Field(1.0, ge=0, le=1)
     backbone: str | None = None  # a different backbone for Phase II (distillation); None: the Phase I one
     backbone_pretrained: str | None = None
-
-    @model_validator(mode="after")
-    def _one_loss(self) -> "Phase2Config":
-        if self.gce_q > 0 and self.soft_targets > 0:
-            raise ValueError("gce_q and soft_targets cannot both be set: the generalised CE takes hard labels")
-        return self
 
 
 class CoFTPlusConfig(_Config):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, gce_q: float = 0.0) -> torch.Tensor:
     """The cross-entropy, or with gce_q > 0 the generalised cross-entropy (1 - p_y^q) / q of Zhang &
-    Sabuncu (2018). `labels` are class indices [B], or target distributions [B, C] (the CE only).
+    Sabuncu (2018).
 
     GCE tends to the cross-entropy as q -> 0 and to the mean absolute error at q = 1. It weighs each
     sample's gradient by p_y^q, so a label the model keeps disagreeing with (often a wrong one) pulls less.
@@ -21,11 +21,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, gce_q: float
         return F.cross_entropy(logits, labels)
     p_label = logits.float().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
     return ((1 - p_label.clamp_min(1e-12) ** gce_q) / gce_q).mean()
-
-
-def soft_targets(labels: torch.Tensor, teacher: torch.Tensor, weight: float) -> torch.Tensor:
-    """[N, C] target distributions: (1 - weight) x one-hot(labels) + weight x the teacher's [N, C] probabilities."""
-    return torch.lerp(F.one_hot(labels, teacher.shape[1]).float(), teacher.float(), weight)
 
 
 def positive_loss(s_pos: torch.Tensor, labels: torch.Tensor, scale: float, gce_q: float = 0.0) -> torch.Tensor:

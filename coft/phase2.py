@@ -48,8 +48,6 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
               contrastive: MomentumContrast | None = None) -> list[dict]:
     """Train every weight of `model` with CE on the clean samples; returns per-epoch losses.
 
-    `labels` are class indices [N], or target distributions [N, C] (`phase2.soft_targets`).
-
     `backbone` gives the device and the preprocessing of the Phase II architecture. `contrastive`
     (CoFT+) adds its InfoNCE term on every sample of each batch.
     """

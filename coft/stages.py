@@ -19,7 +19,7 @@ from coft.classifier import ImageClassifier
 from coft.config import CoFTConfig
 from coft.contrastive import MomentumContrast, queue_size
 from coft.image_cache import ImageSource, training_inputs
-from coft.losses import clean_probability, soft_targets
+from coft.losses import clean_probability
 from coft.phase1 import PromptModel, score_images, train_prompt_model
 from coft.phase2 import fine_tune, fresh_classifier
 from coft.progress import StageReport
@@ -122,16 +122,6 @@ def next_round_set(previous: PromptModel, backbone: Backbone, images: ImageSourc
     return s_star((s_pos * previous.scale).softmax(dim=1), top_k, unlabeled, shot_labels)
 
 
-def teacher_probabilities(model: PromptModel, backbone: Backbone, images: ImageSource, unlabeled: int,
-                          shot_labels: torch.Tensor, batch_size: int, report: StageReport) -> torch.Tensor:
-    """[N, C] on the CPU: a Phase I model's softmax of its positive prompts for every image (the
-    labelled shots keep their one-hot labels)."""
-    s_pos, _ = score_images(model, backbone, images, batch_size, report)
-    probabilities = (s_pos * model.scale).softmax(dim=1)
-    probabilities[unlabeled:] = torch.nn.functional.one_hot(shot_labels.cpu(), s_pos.shape[1]).float()
-    return probabilities
-
-
 def collaborative_filter(models: Sequence[PromptModel], backbone: Backbone, images: ImageSource, unlabeled: int,
                          shot_labels: torch.Tensor, batch_size: int, report: StageReport) -> Filtered:
     """Each model labels every image with its positive prompts; the other model keeps a label iff
@@ -155,17 +145,12 @@ def collaborative_filter(models: Sequence[PromptModel], backbone: Backbone, imag
 
 
 def phase2(backbone: Backbone, images: ImageSource, text_features: torch.Tensor, filtered: Filtered,
-           model_index: int, config: CoFTConfig, seed: int, contrastive: bool, report: StageReport,
-           teacher: torch.Tensor | None = None) -> FineTuned:
+           model_index: int, config: CoFTConfig, seed: int, contrastive: bool, report: StageReport) -> FineTuned:
     """A fresh pre-trained vision tower and text head, fully fine-tuned on model `model_index`'s clean
-    set; with `contrastive`, CoFT+'s momentum contrastive term on every image too. With `teacher`
-    ([N, C], `teacher_probabilities`), the targets are soft (`phase2.soft_targets`)."""
+    set; with `contrastive`, CoFT+'s momentum contrastive term on every image too."""
     model = fresh_classifier(backbone, text_features, config.phase2)
     term = contrastive_term(model, backbone, config, len(images)) if contrastive else None
-    labels = filtered.labels[model_index - 1]
-    if teacher is not None:
-        labels = soft_targets(labels, teacher, config.phase2.soft_targets)
-    history = fine_tune(model, backbone, images, labels, filtered.clean[model_index - 1],
+    history = fine_tune(model, backbone, images, filtered.labels[model_index - 1], filtered.clean[model_index - 1],
                         config.phase2, seed, report, contrastive=term)
     return FineTuned(model.state_dict(), history)
 

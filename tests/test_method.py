@@ -17,8 +17,7 @@ from pydantic import ValidationError
 
 from coft.classifier import ARTIFACT_FORMAT, METADATA_FILE, Classifier, ImageClassifier, Predictions, text_head
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
-from coft.losses import (clean_probability, confusable_other_labels, negative_loss, positive_loss, random_other_labels,
-                         soft_targets)
+from coft.losses import clean_probability, confusable_other_labels, negative_loss, positive_loss, random_other_labels
 from coft.phase1 import PromptModel, _losses, train_prompt_model
 from coft.phase2 import fine_tune
 from coft.pipeline import LabelledImages, adapt
@@ -427,42 +426,6 @@ def test_phase2_generalised_ce_reaches_the_training_step(tiny_backbone, tiny_sou
     for name in trained[0.0]:
         torch.testing.assert_close(trained[1e-6][name], trained[0.0][name], rtol=1e-3, atol=1e-5)
     assert any(not torch.allclose(trained[0.7][name], trained[0.0][name], atol=1e-5) for name in head)
-
-
-def test_phase2_soft_targets_mix_the_label_with_the_teacher(tiny_backbone, tiny_source):
-    """One-hot targets train exactly as the hard labels; the teacher's probabilities change the update."""
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    teacher = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]] * 2)
-    mixed = soft_targets(labels, teacher, 0.25)
-    torch.testing.assert_close(mixed[1], torch.tensor([0.025, 0.9, 0.075]))
-    torch.testing.assert_close(mixed.sum(dim=1), torch.ones(8))
-    assert torch.equal(mixed.argmax(dim=1), labels)
-    trained = []
-    for targets in (labels, soft_targets(labels, teacher, 0.0), mixed):
-        model = _phase2_model(tiny_backbone)
-        torch.manual_seed(0)
-        fine_tune(model, tiny_backbone, tiny_source, targets, torch.ones(8, dtype=torch.bool), PHASE2, seed=3)
-        trained.append(clip_parameters(model))
-    hard, one_hot, soft = trained
-    for name in hard:
-        torch.testing.assert_close(one_hot[name], hard[name], rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(soft[name], hard[name], atol=1e-5) for name in hard)
-    with pytest.raises(ValidationError, match="soft_targets"):
-        Phase2Config(gce_q=0.7, soft_targets=0.5)
-
-
-def test_coft_with_soft_targets_distils_each_phase1_labeller(tiny_backbone, tiny_images):
-    hard = adapt(tiny_images, CLASSES, method="coft", backbone=tiny_backbone, config=tiny_config())
-    events = []
-    soft = adapt(tiny_images, CLASSES, method="coft", backbone=tiny_backbone,
-                 config=tiny_config(phase2={"epochs": 1, "batch_size": 4, "soft_targets": 0.5}),
-                 progress=events.append)
-    fractions = [e.stage_fraction for e in events if e.stage == "phase2-model1"]
-    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
-    for name in ("filter_model1", "clean_model1", "s_star"):  # the same Phase I and filter ...
-        assert all(torch.equal(a, b) for a, b in zip(soft.selections[name], hard.selections[name]))
-    # ... and a different Phase II
-    assert not torch.allclose(soft.predictions.probabilities, hard.predictions.probabilities)
 
 
 def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_backbone, tiny_images, tiny_source):
