@@ -10,9 +10,9 @@
         `--interpolations 0.5 1.0` also scores each trained pair at those WiSE-FT fractions;
         `--true-labels` trains on the clean images' true labels instead (what a perfect filter gives).
     python benchmarks/tune_dev.py filter [--thresholds 0.6 0.8]
-        the filter of that cached run: precision of the kept and rejected labels, and how well the
-        other model's p_clean ranks right labels above wrong ones (AUROC) next to the labelling
-        model's own confidence.
+        the filter of that cached run: precision of the kept and rejected labels (and of as many
+        labels kept by the labelling model's own confidence), and how well the other model's p_clean
+        ranks right labels above wrong ones (AUROC) next to that confidence.
 
 Tasks: coft.proxy.tasks.DEV_TASKS, 1,000 train (`--num-train`, pipeline mode) and 300 test images;
 `--seeds` (default 0).
@@ -168,8 +168,10 @@ def filter_quality(tasks: list[str], seeds: list[int], thresholds: list[float] |
                 labels, clean = filtered["labels"][which], filtered["clean"][which].bool()
                 right = labels == truth
                 confidence = filtered["confidence"][which]
+                surest = confidence.argsort(descending=True)[:int(clean.sum())]  # as many, by the labeller's confidence
                 print(f"{name} seed {seed} model {which + 1}: labels on U {100 * right.float().mean():.1f}% right; "
-                      f"kept {int(clean.sum())} at {100 * right[clean].float().mean():.1f}%, rejected "
+                      f"kept {int(clean.sum())} at {100 * right[clean].float().mean():.1f}% (as many by own confidence: "
+                      f"{100 * right[surest].float().mean():.1f}%), rejected "
                       f"{int((~clean).sum())} at {100 * right[~clean].float().mean():.1f}%; AUROC of the other "
                       f"model's p_clean {_auroc(filtered['p_clean'][which], right):.3f}, of the labelling model's "
                       f"own confidence {_auroc(confidence, right):.3f}; the two models agree on {int(agree.sum())} "
