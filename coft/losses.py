@@ -10,17 +10,22 @@ import torch
 import torch.nn.functional as F
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, gce_q: float = 0.0) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, gce_q: float = 0.0,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """The cross-entropy, or with gce_q > 0 the generalised cross-entropy (1 - p_y^q) / q of Zhang &
-    Sabuncu (2018).
+    Sabuncu (2018); with `weights`, their weighted mean over the samples.
 
     GCE tends to the cross-entropy as q -> 0 and to the mean absolute error at q = 1. It weighs each
     sample's gradient by p_y^q, so a label the model keeps disagreeing with (often a wrong one) pulls less.
     """
     if gce_q == 0:
-        return F.cross_entropy(logits, labels)
-    p_label = logits.float().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
-    return ((1 - p_label.clamp_min(1e-12) ** gce_q) / gce_q).mean()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+    else:
+        p_label = logits.float().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
+        losses = (1 - p_label.clamp_min(1e-12) ** gce_q) / gce_q
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum()
 
 
 def positive_loss(s_pos: torch.Tensor, labels: torch.Tensor, scale: float, gce_q: float = 0.0) -> torch.Tensor:

@@ -45,11 +45,12 @@ MIN_CE_SAMPLES = 2
 
 def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, labels: torch.Tensor,
               clean: torch.Tensor, config: Phase2Config, seed: int, report: StageReport | None = None,
-              contrastive: MomentumContrast | None = None) -> list[dict]:
+              contrastive: MomentumContrast | None = None, weights: torch.Tensor | None = None) -> list[dict]:
     """Train every weight of `model` with CE on the clean samples; returns per-epoch losses.
 
     `backbone` gives the device and the preprocessing of the Phase II architecture. `contrastive`
-    (CoFT+) adds its InfoNCE term on every sample of each batch.
+    (CoFT+) adds its InfoNCE term on every sample of each batch. `weights` (one per image) weigh
+    each clean sample's CE.
     """
     device = backbone.device
     model.to(device)
@@ -74,13 +75,14 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
             kept = positions[rows]
             # Copies to the device never wait: a blocking one would stall the host until the GPU drains.
             targets = labels[kept].to(device, non_blocking=True)
+            kept_weights = None if weights is None else weights[kept].to(device, non_blocking=True)
             if contrastive is None:
                 if len(kept) == 0:
                     optimiser.skip()
                 else:
                     with backbone.autocast():
                         ce = classification_loss(model(training_inputs(images, kept, augmentation)).float(), targets,
-                                                 config.gce_q)
+                                                 config.gce_q, kept_weights)
                     optimiser.step(ce)
                     means.add("ce", ce, len(kept))
             else:
@@ -91,7 +93,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
                     loss = nce
                     if len(kept):
-                        ce = classification_loss(logits.float(), targets, config.gce_q)
+                        ce = classification_loss(logits.float(), targets, config.gce_q, kept_weights)
                         loss = loss + ce
                         means.add("ce", ce, len(kept))
                 optimiser.step(loss)

@@ -178,7 +178,7 @@ def _adapt(run: Adaptation) -> AdaptResult:
         [prompt_models[1][-1], prompt_models[2][-1]], run.backbone, images, unlabeled, shots,
         run.config.eval_batch_size, report), Filtered)
     backbone = _phase2_backbone(run)
-    members = [_phase2_member(run, i, filtered, backbone) for i in (1, 2)]
+    members = [_phase2_member(run, i, filtered, backbone, zero_shot.s_star_indices) for i in (1, 2)]
     return _finish(run, members, backbone, zero_shot, filtered, prompt_models)
 
 
@@ -233,12 +233,13 @@ def _phase2_backbone(run: Adaptation) -> Backbone:
     return load_backbone(phase2.backbone, phase2.backbone_pretrained, run.backbone.device)
 
 
-def _phase2_member(run: Adaptation, model_index: int, filtered: Filtered, backbone: Backbone) -> ImageClassifier:
+def _phase2_member(run: Adaptation, model_index: int, filtered: Filtered, backbone: Backbone,
+                   s_star: torch.Tensor) -> ImageClassifier:
     text_features = template_features(backbone, run.class_names, run.config.pseudo_labels)
     contrastive = run.method == "coft+" and run.config.coft_plus.contrastive
     tuned = run.stages.run(f"phase2-model{model_index}", lambda report: stages.phase2(
         backbone, run.source("train", backbone), text_features, filtered, model_index, run.config,
-        seeding.phase2_seed(run.config.seed, model_index), contrastive, report), FineTuned)
+        seeding.phase2_seed(run.config.seed, model_index), contrastive, report, s_star), FineTuned)
     run.metrics[f"phase2_model{model_index}_losses"] = tuned.history
     member = fresh_classifier(backbone, text_features, run.config.phase2)
     member.load_state_dict(tuned.state)

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from coft.classifier import ARTIFACT_FORMAT, METADATA_FILE, Classifier, ImageClassifier, Predictions, text_head
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
-from coft.losses import clean_probability, confusable_other_labels, negative_loss, positive_loss, random_other_labels
+from coft.losses import (classification_loss, clean_probability, confusable_other_labels, negative_loss, positive_loss,
+                         random_other_labels)
 from coft.phase1 import PromptModel, _losses, train_prompt_model
 from coft.phase2 import fine_tune
 from coft.pipeline import LabelledImages, adapt
@@ -123,6 +124,18 @@ def test_generalised_positive_loss_spans_cross_entropy_to_mae_and_pulls_less_on_
     assert generalised[1] / generalised[0] < cross_entropy[1] / cross_entropy[0]
     with pytest.raises(ValidationError):
         Phase1Config(gce_q=1.5)
+
+
+def test_weighted_classification_loss_counts_a_sample_as_often_as_its_weight():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.3, 0.1], [-1.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2, 1])
+    repeated = torch.tensor([0, 1, 1, 1, 2])  # sample 1 three times
+    for q in (0.0, 0.7):
+        weighted = classification_loss(logits, labels, q, torch.tensor([1.0, 3.0, 1.0]))
+        torch.testing.assert_close(weighted, classification_loss(logits[repeated], labels[repeated], q))
+        torch.testing.assert_close(classification_loss(logits, labels, q, torch.ones(3)),
+                                   classification_loss(logits, labels, q))
+        assert not torch.isclose(weighted, classification_loss(logits, labels, q))
 
 
 def test_random_other_labels_never_the_label_and_covers_every_other_class():
@@ -428,6 +441,21 @@ def test_phase2_generalised_ce_reaches_the_training_step(tiny_backbone, tiny_sou
     assert any(not torch.allclose(trained[0.7][name], trained[0.0][name], atol=1e-5) for name in head)
 
 
+def test_phase2_sample_weights_reach_the_training_step(tiny_backbone, tiny_source):
+    """Weights of one leave Phase II's update as it was; weighing some samples more changes it."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trained = {}
+    for name, weights in (("none", None), ("ones", torch.ones(8)), ("s_star", torch.tensor([3.0, 3, 3, 1, 1, 1, 1, 1]))):
+        model = _phase2_model(tiny_backbone)
+        torch.manual_seed(0)
+        fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool), PHASE2, seed=3,
+                  weights=weights)
+        trained[name] = clip_parameters(model)
+    for name in trained["none"]:
+        torch.testing.assert_close(trained["ones"][name], trained["none"][name])
+    assert any(not torch.allclose(trained["s_star"][name], trained["none"][name], atol=1e-5) for name in trained["none"])
+
+
 def test_phase2_weight_interpolation_lands_between_start_and_fine_tuned(tiny_backbone, tiny_images, tiny_source):
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     clean = torch.ones(8, dtype=torch.bool)
@@ -581,6 +609,16 @@ def test_s_star_takes_a_share_of_the_images_per_class_when_asked(tiny_backbone, 
     indices, labels = result.selections["s_star"]
     assert k > 1 and len(indices) == int(predicted.clamp(max=k).sum()) == result.metrics["s_star_size"]
     assert torch.equal(torch.bincount(labels, minlength=len(CLASSES)), predicted.clamp(max=k))
+
+
+def test_s_star_weight_changes_phase2_and_nothing_before_it(tiny_backbone, tiny_images):
+    runs = {weight: adapt(tiny_images, CLASSES, method="coft", backbone=tiny_backbone,
+                          config=tiny_config(phase2={"epochs": 2, "batch_size": 4, "s_star_weight": weight}))
+            for weight in (1.0, 4.0)}
+    plain, weighted = runs[1.0].metrics, runs[4.0].metrics
+    assert plain["phase1_model1_losses"] == weighted["phase1_model1_losses"]
+    assert torch.equal(runs[1.0].selections["clean_model1"][0], runs[4.0].selections["clean_model1"][0])
+    assert plain["phase2_model1_losses"] != weighted["phase2_model1_losses"]
 
 
 def test_coft_without_phase2_steps_is_zero_shot(tiny_backbone, tiny_images):
