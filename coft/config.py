@@ -131,8 +131,8 @@ class Phase2Config(_Config):
     # Each S* image's weight in the CE (the labelled shots' too), against 1 for the rest of the clean set.
     # The spec weighs all clean samples alike (1). S*'s labels are zero-shot's surest, far more precise
     # than Phase I's labels on the rest of U (81-86% against 51-76% on two development tasks). 3 is
-    # +0.8 +- 0.3 points over 1 at 1,000 images and +1.1 +- 0.5 at 2,000 (3 dev tasks x 3 seeds each);
-    # 6 ties 1 (benchmarks/RESULTS.md, "S* weighed above the rest of the clean set").
+    # +1.0 +- 0.2 points over 1 at 1,000 images (3 dev tasks x 6 seeds) and +1.1 +- 0.5 at 2,000
+    # (x 3 seeds); 6 ties 1 (benchmarks/RESULTS.md, "S* weighed above the rest of the clean set").
     s_star_weight: float = Field(3.0, ge=1)
     # The head starts as head_scale x the class text embeddings. A fixed number, not CLIP's logit scale
     # (null), so that lr means the same step for any CLIP temperature (coft.phase2.fresh_classifier).
