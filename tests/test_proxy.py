@@ -135,7 +135,9 @@ def test_filtered_labels_are_more_precise_than_zero_shot(coft_on_a_small_task):
 
 @pytest.mark.slow
 def test_coft_beats_zero_shot_on_a_proxy_task(coft_on_a_small_task):
-    _, result = coft_on_a_small_task
+    task, result = coft_on_a_small_task
     accuracy = result.metrics["accuracy"]
     print(accuracy)
-    assert accuracy["final"] >= accuracy["zero_shot"] + 0.08, accuracy
+    # In test images, not float fractions: 0.08 of 300 is 24 images, and a float sum may miss it by 1e-8.
+    correct = {stage: round(value * len(task.test_labels)) for stage, value in accuracy.items()}
+    assert correct["final"] - correct["zero_shot"] >= 0.08 * len(task.test_labels), correct
