@@ -38,7 +38,7 @@ from coft.backbone import load_backbone  # noqa: E402
 from coft.classifier import Classifier  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
 from coft.image_cache import cached_images  # noqa: E402
-from coft.phase2 import fine_tune, fresh_classifier, interpolate_weights  # noqa: E402
+from coft.phase2 import fine_tune, fresh_classifier, interpolate_weights, s_star_weights  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
 from coft.proxy.tasks import DEV_TASKS, load_task  # noqa: E402
 
@@ -89,7 +89,8 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
         for seed in seeds:
             filtered = _cached_filter(task, name, seed)
             _print_phase1(name, seed)
-            text = torch.load(CACHE / f"{name}-seed{seed}" / "zero-shot.pt", weights_only=True)["text_features"]
+            zero_shot = torch.load(CACHE / f"{name}-seed{seed}" / "zero-shot.pt", weights_only=True)
+            text = zero_shot["text_features"]
             for overrides in override_sets:
                 config = CoFTConfig.from_dict(_merge(NO_FLIP, {"phase2": overrides}))
                 started = time.perf_counter()
@@ -102,8 +103,9 @@ def phase2(tasks: list[str], seeds: list[int], override_sets: list[dict],
                     # --true-labels: the same clean images, each with its true class (a perfect filter's
                     # labels at this coverage); labels are otherwise used only to measure.
                     labels = torch.tensor(task.train_labels) if true_labels else filtered["labels"][which]
+                    weights = s_star_weights(len(labels), zero_shot["s_star_indices"], config.phase2.s_star_weight)
                     history = fine_tune(model, backbone, train_images, labels,
-                                        filtered["clean"][which], config.phase2, seed * 1000 + which)
+                                        filtered["clean"][which], config.phase2, seed * 1000 + which, weights=weights)
                     members.append(model)
                     final_ce.append(round(history[-1]["ce"], 3))
                 elapsed = time.perf_counter() - started

@@ -38,6 +38,16 @@ def fresh_classifier(backbone: Backbone, text_features: torch.Tensor, config: Ph
     return ImageClassifier(copy.deepcopy(backbone.model.visual), head)
 
 
+def s_star_weights(num_images: int, s_star: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """One CE weight per image: `weight` for S*'s images (`phase2.s_star_weight`), 1 for the rest;
+    None when every weight is 1 (the spec's plain mean)."""
+    if weight == 1.0:
+        return None
+    weights = torch.ones(num_images)
+    weights[s_star] = weight
+    return weights
+
+
 # A batch's CE on fewer clean samples than this is skipped: a BatchNorm tower (timm, ResNet) cannot
 # train on one sample, and for any tower a one-sample step is noise (as epoch_batches' trailing one).
 MIN_CE_SAMPLES = 2
