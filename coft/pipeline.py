@@ -44,7 +44,7 @@ from coft.progress import ProgressCallback, ProgressTracker
 from coft.prompts import template_features
 from coft.quality import holdout_accuracies, quality_signals
 from coft.run_images import LabelledImages, RunImages
-from coft.schedule import round_top_k, rounds, stage_costs
+from coft.schedule import round_top_k, rounds, s_star_weight, stage_costs
 from coft.stage_runner import StageRunner
 from coft.stages import Filtered, FineTuned, TrainedPrompts, ZeroShot
 
@@ -239,7 +239,8 @@ def _phase2_member(run: Adaptation, model_index: int, filtered: Filtered, backbo
     contrastive = run.method == "coft+" and run.config.coft_plus.contrastive
     tuned = run.stages.run(f"phase2-model{model_index}", lambda report: stages.phase2(
         backbone, run.source("train", backbone), text_features, filtered, model_index, run.config,
-        seeding.phase2_seed(run.config.seed, model_index), contrastive, report, s_star), FineTuned)
+        seeding.phase2_seed(run.config.seed, model_index), contrastive, report, s_star,
+        s_star_weight(run.config, run.method)), FineTuned)
     run.metrics[f"phase2_model{model_index}_losses"] = tuned.history
     member = fresh_classifier(backbone, text_features, run.config.phase2)
     member.load_state_dict(tuned.state)

@@ -21,6 +21,11 @@ def rounds(config: CoFTConfig, method: str) -> int:
     return config.coft_plus.rounds if method == "coft+" else 1
 
 
+def s_star_weight(config: CoFTConfig, method: str) -> float:
+    """Each S* image's weight in Phase II's CE: CoFT+'s own (coft_plus.s_star_weight), else phase2's."""
+    return config.coft_plus.s_star_weight if method == "coft+" else config.phase2.s_star_weight
+
+
 def stage_costs(method: str, config: CoFTConfig, images: int, classes: int, shots: int = 0) -> dict[str, float]:
     """Every stage of a run of `method` on `images` (shots included), in order, and its expected cost."""
     costs = {"decode": 0.5 * images, "zero-shot": float(images * config.pseudo_labels.views)}

@@ -146,13 +146,13 @@ def collaborative_filter(models: Sequence[PromptModel], backbone: Backbone, imag
 
 def phase2(backbone: Backbone, images: ImageSource, text_features: torch.Tensor, filtered: Filtered,
            model_index: int, config: CoFTConfig, seed: int, contrastive: bool, report: StageReport,
-           s_star: torch.Tensor) -> FineTuned:
+           s_star: torch.Tensor, s_star_weight: float) -> FineTuned:
     """A fresh pre-trained vision tower and text head, fully fine-tuned on model `model_index`'s clean
     set; with `contrastive`, CoFT+'s momentum contrastive term on every image too. The images at
-    `s_star` weigh `phase2.s_star_weight` in the CE."""
+    `s_star` weigh `s_star_weight` in the CE."""
     model = fresh_classifier(backbone, text_features, config.phase2)
     term = contrastive_term(model, backbone, config, len(images)) if contrastive else None
-    weights = s_star_weights(len(images), s_star, config.phase2.s_star_weight)
+    weights = s_star_weights(len(images), s_star, s_star_weight)
     history = fine_tune(model, backbone, images, filtered.labels[model_index - 1], filtered.clean[model_index - 1],
                         config.phase2, seed, report, contrastive=term, weights=weights)
     return FineTuned(model.state_dict(), history)

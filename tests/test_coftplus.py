@@ -46,6 +46,8 @@ def test_coft_plus_defaults_follow_the_spec_or_the_development_tasks():
     # R and K's rule chosen on the development tasks (benchmarks/RESULTS.md): the spec has 3 and "constant"
     assert (plus.rounds, plus.round_top_k) == (2, "grow")
     assert plus.queue_size is None and plus.queue_max == 16384
+    # S*'s weight in Phase II: 3 for CoFT (a dev-task win), the spec's 1 for CoFT+ (3 only ties there)
+    assert (CoFTConfig().phase2.s_star_weight, plus.s_star_weight) == (3.0, 1.0)
     assert CoFTConfig.from_dict({"coft_plus": {"queue_size": 128}}).coft_plus.queue_size == 128
     with pytest.raises(ValueError):
         CoFTConfig.from_dict({"coft_plus": {"rounds": "three"}})
@@ -258,6 +260,21 @@ class _ChatServer:
 
 GOOD_ANSWER = "Here you are:\n```json\n" + json.dumps(
     {name: [f"a photo of a {name}, plain.", f"a {name} drawn simply."] for name in CLASSES}) + "\n```"
+
+
+def test_coft_plus_weighs_s_star_by_its_own_setting_not_coft_s(tiny_backbone, tiny_images):
+    def run(**weights):
+        config = tiny_config(phase1={"augment": True, "epochs": 3},
+                             phase2={"epochs": 2, "batch_size": 4, "s_star_weight": weights.get("coft", 1.0)},
+                             coft_plus={"s_star_weight": weights.get("coft_plus", 1.0), "contrastive": False})
+        return adapt(tiny_images, CLASSES, method="coft+", backbone=tiny_backbone, config=config)
+
+    plain = run()
+    # A weight can only change the CE where model 2's clean set mixes S* with other images.
+    s_star, clean = (set(plain.selections[name][0].tolist()) for name in ("s_star", "clean_model2"))
+    assert clean & s_star and clean - s_star
+    assert run(coft=4.0).metrics["phase2_model2_losses"] == plain.metrics["phase2_model2_losses"]
+    assert run(coft_plus=4.0).metrics["phase2_model2_losses"] != plain.metrics["phase2_model2_losses"]
 
 
 def test_llm_descriptions_over_http(tiny_backbone, tiny_images):
