@@ -128,11 +128,11 @@ class Phase2Config(_Config):
     # 2,000, where it loses the noisiest task on every seed (benchmarks/RESULTS.md, "Generalised CE in
     # Phase II, to a decision"). It does not hold as U grows, so the paper's stays.
     gce_q: float = Field(0.0, ge=0, le=1)
-    # Under CoFT, each S* image's weight in the CE (the labelled shots' too), against 1 for the rest of
-    # the clean set (CoFT+ has its own, coft_plus.s_star_weight). The spec weighs all clean samples alike (1). S*'s labels are zero-shot's surest, far more precise
-    # than Phase I's labels on the rest of U (81-86% against 51-76% on two development tasks). 3 is
-    # +1.0 +- 0.2 points over 1 at 1,000 images (3 dev tasks x 6 seeds) and +1.1 +- 0.5 at 2,000
-    # (x 3 seeds); 6 ties 1 (benchmarks/RESULTS.md, "S* weighed above the rest of the clean set").
+    # Under CoFT, each S* image's weight in the CE (the labelled shots' too), against 1 for the rest of the clean
+    # set (CoFT+ has its own, coft_plus.s_star_weight). The spec weighs all clean samples alike (1). S*'s labels are
+    # zero-shot's surest, far more precise than Phase I's labels on the rest of U (81-86% against 51-76% on two
+    # development tasks). 3 is +1.0 +- 0.2 points over 1 at 1,000 images (3 dev tasks x 6 seeds) and +1.1 +- 0.5 at
+    # 2,000 (x 3 seeds); 6 ties 1 (benchmarks/RESULTS.md, "S* weighed above the rest of the clean set").
     s_star_weight: float = Field(3.0, ge=1)
     # The head starts as head_scale x the class text embeddings. A fixed number, not CLIP's logit scale
     # (null), so that lr means the same step for any CLIP temperature (coft.phase2.fresh_classifier).
