@@ -150,8 +150,8 @@ class CoFTPlusConfig(_Config):
     """What CoFT+ adds (paper Sec. 3.3); used only by method "coft+"."""
 
     # R iterative Phase I rounds; round 1 is CoFT's Phase I. Ours, not the spec's 3: with Phase I from
-    # "a photo of a" and growing K, a third round loses to the second on every development task and
-    # seed (-2.4 +- 0.3 over 9 pairs), as S* grows noisier (benchmarks/RESULTS.md, "CoFT+ rounds, a third time").
+    # "a photo of a", a third round loses to the second end to end, -2.2 +- 0.8 points over 9 dev pairs
+    # at constant K (-2.4 +- 0.3 when K grew) (benchmarks/RESULTS.md, "CoFT+ rounds at constant K").
     rounds: int = Field(2, ge=1)
     # How many images per class round r's S* takes from round r-1's model: "constant" is the spec's
     # top-K every round; "grow" is top-(r*K). Grow won when K was a fixed 16 per class; under the share
