@@ -43,7 +43,7 @@ def test_coft_plus_defaults_follow_the_spec_or_the_development_tasks():
     plus = CoFTConfig().coft_plus
     assert plus == CoFTPlusConfig()
     assert (plus.momentum, plus.temperature, plus.contrastive_weight) == (0.999, 0.07, 0.1)
-    # R and K's rule chosen on the development tasks (benchmarks/RESULTS.md): the spec has 3 and "constant"
+    # R chosen on the development tasks (the spec has 3); K's rule is the spec's, "grow" only ties it (RESULTS.md)
     assert (plus.rounds, plus.round_top_k) == (2, "constant")
     assert plus.queue_size is None and plus.queue_max == 16384
     # S*'s weight in Phase II: 3 for CoFT (a dev-task win), the spec's 1 for CoFT+ (3 only ties there)
