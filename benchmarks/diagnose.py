@@ -107,14 +107,22 @@ def phase1(task_name: str, overrides: dict, training_set: str = "s-star", seed: 
           f"{fitted:.3f}, final L1 {history[-1]['l1']:.3f} L2 {history[-1]['l2']:.3f} ({seconds:.0f}s)", flush=True)
 
 
-def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> None:
+def rounds_setup(task_name: str, num_train: int = 1000):
+    """What a rounds diagnostic starts from: the proxy, the task and its decoded splits, the default
+    config without flips, K, and zero-shot's softmax on the train split."""
     backbone = load_backbone("proxy", device="cpu")
-    task = load_task(task_name, 1000, 300)
+    task = load_task(task_name, num_train, 300)
     train_images, test_images = _sources(backbone, task)
     config = CoFTConfig.from_dict({"phase1": {"hflip": False}})
     k = config.pseudo_labels.images_per_class(len(task.train_labels), len(task.class_names))
     text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
-    indices, labels = top_k_per_class(_zero_shot_logits(backbone, text, train_images).softmax(dim=1), k)
+    zero_shot = _zero_shot_logits(backbone, text, train_images).softmax(dim=1)
+    return backbone, task, train_images, test_images, config, k, zero_shot
+
+
+def rounds(task_name: str, round_top_k: str, seed: int, num_rounds: int = 3) -> None:
+    backbone, task, train_images, test_images, config, k, zero_shot = rounds_setup(task_name)
+    indices, labels = top_k_per_class(zero_shot, k)
     truth = torch.tensor(task.train_labels)
     lines = []
     for round_ in range(1, num_rounds + 1):

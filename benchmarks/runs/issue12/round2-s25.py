@@ -21,24 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from diagnose import _accuracy, _sources, _zero_shot_logits  # noqa: E402
+from diagnose import _accuracy, rounds_setup  # noqa: E402
 
-from coft.backbone import load_backbone  # noqa: E402
-from coft.config import CoFTConfig  # noqa: E402
 from coft.phase1 import score_images, train_prompt_model  # noqa: E402
-from coft.prompts import class_text_features  # noqa: E402
-from coft.proxy.tasks import load_task  # noqa: E402
 from coft.pseudo_labels import top_k_per_class  # noqa: E402
 
 
 def main(task_name: str, seed: int) -> None:
-    backbone = load_backbone("proxy", device="cpu")
-    task = load_task(task_name, 600, 300)
-    train_images, test_images = _sources(backbone, task)
-    config = CoFTConfig.from_dict({"phase1": {"hflip": False}})
-    k = config.pseudo_labels.images_per_class(len(task.train_labels), len(task.class_names))
-    text = class_text_features(backbone, task.class_names, [config.pseudo_labels.template])
-    zero_shot = _zero_shot_logits(backbone, text, train_images).softmax(dim=1)
+    backbone, task, train_images, test_images, config, k, zero_shot = rounds_setup(task_name, 600)
     truth = torch.tensor(task.train_labels)
 
     def train_and_measure(name: str, indices: torch.Tensor, labels: torch.Tensor, round_: int):
