@@ -45,9 +45,9 @@ def main(task_name: str, seed: int) -> None:
     train_pos, _ = score_images(round1, backbone, train_images, 256)
     previous = (train_pos * round1.scale).softmax(dim=1)
 
-    lines.append(train_and_measure("constant", *top_k_per_class(previous, k), 2)[1])
-    lines.append(train_and_measure("product", *top_k_per_class(previous * zero_shot, k), 2)[1])
     r_indices, r_labels = top_k_per_class(previous, k)
+    lines.append(train_and_measure("constant", r_indices, r_labels, 2)[1])
+    lines.append(train_and_measure("product", *top_k_per_class(previous * zero_shot, k), 2)[1])
     labels = torch.full((len(truth),), -1, dtype=torch.long)
     labels[s_indices] = s_labels
     labels[r_indices] = r_labels
