@@ -36,6 +36,10 @@ class PromptModel(nn.Module):
         self.visual = prompted_visual(backbone.model.visual, backbone.model_cfg["embed_dim"], config.vpt_tokens,
                                       config.vpt_deep, config.vpt_init_std, generator)
         self.scale = backbone.logit_scale
+        self.text_anchor: torch.Tensor | None = None  # the starting positive text features, when anchored to them
+        if config.text_anchor_weight > 0:
+            with torch.no_grad():
+                self.text_anchor = self.prompts.both()[0].float()
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual(pixels), dim=-1)
@@ -101,6 +105,8 @@ def _losses(model: PromptModel, pixels, labels, config: Phase1Config, generator:
     text_pos, text_neg = (features.float() for features in model.prompts.both())
     s_pos = cosines(image, text_pos)
     l1 = positive_loss(s_pos, labels, model.scale, config.gce_q)
+    if model.text_anchor is not None:
+        l1 = l1 + config.text_anchor_weight * (text_pos - model.text_anchor).square().sum(dim=1).mean()
     if others is None:
         others = (confusable_other_labels(s_pos * model.scale, labels, generator)
                   if config.negative_classes == "confusable"

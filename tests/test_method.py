@@ -284,6 +284,20 @@ def test_phase1_trains_only_prompts_and_visual_tokens(tiny_backbone, tiny_images
     assert len(history) == 1 and math.isfinite(history[0]["l1"]) and math.isfinite(history[0]["l2"])
 
 
+def test_phase1_text_anchor_keeps_the_positive_text_near_its_start(tiny_backbone, tiny_source):
+    """KgCoOp's term: the same training, anchored, moves the class embeddings less than unanchored."""
+    indices, labels = torch.arange(6), torch.tensor([0, 1, 2, 0, 1, 2])
+    drift = {}
+    for weight in (0.0, 100.0):
+        config = Phase1Config(**{**TINY_PHASE1, "epochs": 5, "lr": 0.5, "text_anchor_weight": weight})
+        with torch.no_grad():
+            start = PromptModel(tiny_backbone, CLASSES, config, seed=11).prompts.both()[0]
+        model, _ = train_prompt_model(tiny_backbone, CLASSES, tiny_source, indices, labels, config, seed=11)
+        with torch.no_grad():
+            drift[weight] = float((model.prompts.both()[0] - start).norm(dim=1).mean())
+    assert drift[0.0] > 0 and drift[100.0] < 0.5 * drift[0.0], drift
+
+
 def test_phase1_models_with_different_seeds_start_differently(tiny_backbone):
     config = Phase1Config(**TINY_PHASE1)
     one = PromptModel(tiny_backbone, CLASSES, config, seed=10).state_dict()
