@@ -11,6 +11,12 @@ Thresholds, on the training set's test-time views:
   prompt model that has fitted it reproduces nearly all of its labels, the wrong ones included.
 - Phase II, 80%: a clean set is larger and noisier (50-85% right) and a vision tower fine-tuned for a
   few epochs need not memorise its noise; below 80% it has not learned the clean labels themselves.
+
+Agreement says whether a model fits, not whether training got it there. A model that starts at the
+zero-shot classifier (Phase I from "a photo of a", Phase II's text head) already agrees with most
+labels that came from zero-shot: untrained, the dev tasks' Phase I models reproduce 94-99% of S*
+(benchmarks/RESULTS.md, "What an untrained model's fit looks like"). So each Fit also carries its
+first epoch's losses beside its last: what training changed is read there.
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ class Fit:
     agreement: float  # fraction of the training set whose predicted class is its label
     images: int
     final_loss: dict[str, float | None]  # the last epoch's training losses
+    first_loss: dict[str, float | None]  # the first recorded epoch's
 
     @property
     def threshold(self) -> float:
         return MIN_AGREEMENT[self.stage.split("-", 1)[0]]
 
     def as_metrics(self) -> dict[str, Any]:
-        return {"agreement": round(self.agreement, 4), "images": self.images, "final_loss": self.final_loss,
-                "threshold": self.threshold}
+        return {"agreement": round(self.agreement, 4), "images": self.images, "first_loss": self.first_loss,
+                "final_loss": self.final_loss, "threshold": self.threshold}
 
     def warning(self) -> dict[str, str] | None:
         """A warning for the job's metrics when the model did not fit its training set."""
@@ -53,8 +60,13 @@ class Fit:
 def fit(stage: str, predicted: torch.Tensor, labels: torch.Tensor, history: list[dict]) -> Fit:
     """The Fit of a model whose predictions on its training set are `predicted`."""
     agreement = float((predicted.cpu() == labels.cpu()).float().mean()) if len(labels) else 0.0
-    final = {key: value for key, value in (history[-1] if history else {}).items() if key != "epoch"}
-    return Fit(stage, agreement, int(len(labels)), final)
+    first, final = (_losses(history[0]), _losses(history[-1])) if history else ({}, {})
+    return Fit(stage, agreement, int(len(labels)), final, first)
+
+
+def _losses(entry: dict) -> dict[str, float | None]:
+    """A history entry's losses, without its epoch number."""
+    return {key: value for key, value in entry.items() if key != "epoch"}
 
 
 def record(metrics: dict[str, Any], fit: Fit) -> None:

@@ -15,9 +15,11 @@ TINY = {"pseudo_labels": {"top_k": 2}, "phase1": {"epochs": 1, "batch_size": 4, 
 
 
 def test_fit_compares_predictions_with_the_training_labels_and_warns_below_the_threshold():
-    good = fit("phase1-model1", torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 2]), [{"epoch": 1, "l1": 0.1}])
+    history = [{"epoch": 1, "l1": 0.9}, {"epoch": 2, "l1": 0.1}]
+    good = fit("phase1-model1", torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 2]), history)
     assert good.agreement == 1.0 and good.warning() is None
-    assert good.as_metrics() == {"agreement": 1.0, "images": 4, "final_loss": {"l1": 0.1}, "threshold": 0.9}
+    assert good.as_metrics() == {"agreement": 1.0, "images": 4, "first_loss": {"l1": 0.9}, "final_loss": {"l1": 0.1},
+                                 "threshold": 0.9}
     poor = fit("phase2-model2", torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 2, 1, 2]), [{"epoch": 3, "ce": 2.0}])
     assert poor.agreement == pytest.approx(0.6) and poor.threshold == MIN_AGREEMENT["phase2"]
     warning = poor.warning()
@@ -35,8 +37,9 @@ def test_every_trained_model_of_a_job_reports_its_fit(tiny_backbone, tiny_images
     for i in (1, 2):
         clean = round(result.metrics[f"clean_fraction_model{i}"] * len(tiny_images))
         assert fits[f"phase2-model{i}"]["images"] == clean
-        assert fits[f"phase2-model{i}"]["final_loss"] == {
-            k: v for k, v in result.metrics[f"phase2_model{i}_losses"][-1].items() if k != "epoch"}
+        for key, epoch in (("first_loss", 0), ("final_loss", -1)):
+            assert fits[f"phase2-model{i}"][key] == {
+                k: v for k, v in result.metrics[f"phase2_model{i}_losses"][epoch].items() if k != "epoch"}
     assert all(0.0 <= f["agreement"] <= 1.0 for f in fits.values())
     warned = {w["stage"] for w in result.metrics.get("warnings", [])}
     assert warned == {stage for stage, f in fits.items() if f["images"] and f["agreement"] < f["threshold"]}

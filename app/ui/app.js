@@ -22,9 +22,15 @@ function formatSeconds(seconds) {
   return s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
 }
 
-function formatLosses(losses) {
-  return Object.entries(losses || {}).filter(([, value]) => value !== null)
-    .map(([name, value]) => `${name} ${value.toFixed(3)}`).join(", ");
+// Each training loss from its first epoch to its last ("l1 <first> → <last>"): a model that starts at
+// zero-shot may fit its labels untrained, so the fall of its losses is what shows training.
+function formatLosses(first, last) {
+  return Object.entries(last || {}).filter(([, value]) => value !== null)
+    .map(([name, value]) => {
+      const start = (first || {})[name];
+      return start === null || start === undefined ? `${name} ${value.toFixed(3)}`
+        : `${name} ${start.toFixed(3)} → ${value.toFixed(3)}`;
+    }).join(", ");
 }
 
 // A stage's fit (coft.convergence): null when it had nothing to train on.

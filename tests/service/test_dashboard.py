@@ -138,6 +138,8 @@ def test_a_user_adapts_reviews_corrects_and_retrains_in_the_browser(browser, wor
     for row, (stage, fit) in zip(rows.all(), job["metrics"]["fit"].items()):
         cells = row.locator("td").all_inner_texts()
         assert cells[0] == stage and cells[1].startswith(f"{100 * fit['agreement']:.1f}%"), cells
+        name, last = next((k, v) for k, v in fit["final_loss"].items() if v is not None)
+        assert f"{name} {fit['first_loss'][name]:.3f} → {last:.3f}" in cells[3], cells
         assert cells[4] == ("✓" if fit["agreement"] >= fit["threshold"] else "✗")
 
     # The gallery pages through S*, with every thumbnail loaded from the tenant-checked endpoint.
