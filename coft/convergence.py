@@ -36,8 +36,8 @@ class Fit:
     stage: str  # e.g. "phase1-model1", "phase2-model2"
     agreement: float  # fraction of the training set whose predicted class is its label
     images: int
-    final_loss: dict[str, float | None]  # the last epoch's training losses
-    first_loss: dict[str, float | None]  # the first recorded epoch's
+    first_loss: dict[str, float | None]  # the first recorded epoch's training losses
+    final_loss: dict[str, float | None]  # the last epoch's
 
     @property
     def threshold(self) -> float:
@@ -61,7 +61,7 @@ def fit(stage: str, predicted: torch.Tensor, labels: torch.Tensor, history: list
     """The Fit of a model whose predictions on its training set are `predicted`."""
     agreement = float((predicted.cpu() == labels.cpu()).float().mean()) if len(labels) else 0.0
     first, final = (_losses(history[0]), _losses(history[-1])) if history else ({}, {})
-    return Fit(stage, agreement, int(len(labels)), final, first)
+    return Fit(stage, agreement, int(len(labels)), first, final)
 
 
 def _losses(entry: dict) -> dict[str, float | None]:
