@@ -36,10 +36,6 @@ class PromptModel(nn.Module):
         self.visual = prompted_visual(backbone.model.visual, backbone.model_cfg["embed_dim"], config.vpt_tokens,
                                       config.vpt_deep, config.vpt_init_std, generator)
         self.scale = backbone.logit_scale
-        self.text_anchor: torch.Tensor | None = None  # the starting positive text features, when anchored to them
-        if config.text_anchor_weight > 0:
-            with torch.no_grad():
-                self.text_anchor = self.prompts.both()[0].float()
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual(pixels), dim=-1)
@@ -57,6 +53,10 @@ def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: I
     """Train a fresh PromptModel on images[indices] with pseudo-labels; returns it and per-epoch losses."""
     model = PromptModel(backbone, class_names, config, seed)
     model.train()
+    anchor = None  # KgCoOp's: the positive text features the training starts from, when L1 pulls back to them
+    if config.text_anchor_weight > 0:
+        with torch.no_grad():
+            anchor = model.prompts.both()[0].float()
     augmentation = (train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
                     if config.augment else None)
     indices, labels = indices.cpu(), labels.cpu()
@@ -74,7 +74,7 @@ def train_prompt_model(backbone: Backbone, class_names: Sequence[str], images: I
             pixels = training_inputs(images, indices[positions], augmentation)
             batch_labels = labels[positions].to(backbone.device, non_blocking=True)
             with backbone.autocast():
-                l1, l2 = _losses(model, pixels, batch_labels, config, others)
+                l1, l2 = _losses(model, pixels, batch_labels, config, others, anchor=anchor)
             optimiser.step(l1 + config.negative_weight * l2)
             means.add("l1", l1, len(positions))
             means.add("l2", l2, len(positions))
@@ -99,14 +99,15 @@ def cosines(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def _losses(model: PromptModel, pixels, labels, config: Phase1Config, generator: torch.Generator | None = None,
-            others: torch.Tensor | None = None):
-    """(L1, L2) on a batch; L2's other class yhat is `others`, or drawn as config.negative_classes says."""
+            others: torch.Tensor | None = None, anchor: torch.Tensor | None = None):
+    """(L1, L2) on a batch; L2's other class yhat is `others`, or drawn as config.negative_classes says.
+    With `anchor`, L1 also pulls the positive text features toward it (config.text_anchor_weight)."""
     image = model.image_features(pixels).float()
     text_pos, text_neg = (features.float() for features in model.prompts.both())
     s_pos = cosines(image, text_pos)
     l1 = positive_loss(s_pos, labels, model.scale, config.gce_q)
-    if model.text_anchor is not None:
-        l1 = l1 + config.text_anchor_weight * (text_pos - model.text_anchor).square().sum(dim=1).mean()
+    if anchor is not None:
+        l1 = l1 + config.text_anchor_weight * (text_pos - anchor).square().sum(dim=1).mean()
     if others is None:
         others = (confusable_other_labels(s_pos * model.scale, labels, generator)
                   if config.negative_classes == "confusable"
