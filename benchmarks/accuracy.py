@@ -3,6 +3,14 @@
     python benchmarks/accuracy.py                       # every method, every task, 3 seeds (RESULTS.md)
     python benchmarks/accuracy.py --quick               # 2 tasks, small splits, short schedules, 1 seed
     python benchmarks/accuracy.py --methods coft coft+ --tasks shapes-noisy
+    python benchmarks/accuracy.py --data ~/eurosat --model ViT-B-16 --pretrained openai   # a real dataset, real CLIP
+
+`--data DIR` scores a dataset on disk beside (or instead of) the proxy tasks: `DIR/test/<class>/` (labelled,
+only ever scored), and either `DIR/train/<class>/` (labelled: the labels are used only to measure the
+pseudo-labels' precision and to draw the few-shot rows' shots) or `DIR/unlabeled/` (flat; no few-shot rows).
+Class names come from `DIR/classes.txt` (one per line) if present, else from the test folders' names
+('_' and '-' read as spaces). This is the layout `python -m coft.proxy.tasks export` writes and `coft adapt`
+reads. The folders are used whole (`--num-train`/`--num-test` size the proxy tasks only).
 
 Methods (`--methods`, names or groups): label-free `zero-shot`, `zero-shot-ensemble`, `upl`, `fixmatch`,
 `fixmatch-da` (with ReMixMatch's distribution alignment), `topk-ft-16` and `topk-ft-32` (a plain full
@@ -26,17 +34,19 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coft import baselines  # noqa: E402
 from coft.backbone import Backbone, load_backbone  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
+from coft.data import normalise_class_name, open_images, open_labelled_images  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
-from coft.proxy.tasks import DEV_TASKS, TASKS, ProxyTask, load_task  # noqa: E402
+from coft.proxy.tasks import DEV_TASKS, TASKS, load_task  # noqa: E402
 
 STAGE_COLUMNS = ["zero_shot", "phase1_model1", "phase1_model2", "phase2_model1", "phase2_model2", "final"]
 PRECISION_COLUMNS = ["zero_shot", "s_star", "clean_model1", "clean_model2"]
@@ -50,10 +60,51 @@ QUICK_EPOCH_FACTOR = 0.15
 
 
 @dataclass
+class Task:
+    """What the methods are scored on: a proxy task, rendered, or a dataset on disk (`--data`)."""
+
+    name: str
+    class_names: list[str]
+    train_images: Sequence[Image.Image]
+    train_labels: list[int] | None  # never given to a label-free method; None: the train split is unlabeled
+    test_images: Sequence[Image.Image]
+    test_labels: list[int]
+    flip_invariant: bool  # mirroring keeps the class (photos of objects), or changes it (digits, text)
+
+
+def proxy_task(name: str, num_train: int | None, num_test: int | None) -> Task:
+    task = load_task(name, num_train, num_test)
+    return Task(name, task.class_names, task.train_images, task.train_labels, task.test_images, task.test_labels,
+                task.spec.flip_invariant)
+
+
+def folder_task(root: Path, flip_invariant: bool = True) -> Task:
+    """`root/test/<class>/`, and `root/train/<class>/` or `root/unlabeled/`; class names from
+    `root/classes.txt` or the test folders (the module docstring has the layout)."""
+    names_file = root / "classes.txt"
+    if names_file.exists():
+        class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    else:
+        folders = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_names = [" ".join(f.replace("_", " ").replace("-", " ").split()) for f in folders]
+    if len({normalise_class_name(n) for n in class_names}) != len(class_names):
+        raise SystemExit(f"{root}: class names are not distinct: {class_names}")
+    test = open_labelled_images(root / "test", class_names=class_names)
+    if (root / "train").is_dir():
+        train = open_labelled_images(root / "train", class_names=class_names)
+        train_images, train_labels = train.images, train.labels
+    elif (root / "unlabeled").is_dir():
+        train_images, train_labels = open_images(root / "unlabeled"), None
+    else:
+        raise SystemExit(f"{root}: neither train/<class>/ nor unlabeled/ found")
+    return Task(root.resolve().name, class_names, train_images, train_labels, test.images, test.labels, flip_invariant)
+
+
+@dataclass
 class Setting:
     """What one run needs: the task, the backbone, the seed, and the method configs for this task."""
 
-    task: ProxyTask
+    task: Task
     backbone: Backbone
     seed: int
     overrides: dict  # CoFT/CoFT+ config overrides (JSON)
@@ -63,7 +114,7 @@ class Setting:
     @property
     def hflip(self) -> bool:
         # Mirroring changes digits and arrows: the task's nature, not a tuned hyperparameter.
-        return self.task.spec.flip_invariant
+        return self.task.flip_invariant
 
     def epochs(self, epochs: int) -> int:
         return max(1, round(epochs * self.epoch_factor))
@@ -81,9 +132,11 @@ def run_coft(method: str) -> Callable[[Setting], dict]:
         config = CoFTConfig.from_dict({**overrides, "seed": s.seed})
         result = adapt(s.task.train_images, s.task.class_names, method=method, backbone=s.backbone, config=config,
                        evaluation=LabelledImages(s.task.test_images, torch.tensor(s.task.test_labels)))
-        truth = torch.tensor(s.task.train_labels)
-        precision = {name: float((labels == truth[indices]).float().mean()) if len(indices) else float("nan")
-                     for name, (indices, labels) in result.selections.items()}
+        precision = {}
+        if s.task.train_labels is not None:
+            truth = torch.tensor(s.task.train_labels)
+            precision = {name: float((labels == truth[indices]).float().mean()) if len(indices) else float("nan")
+                         for name, (indices, labels) in result.selections.items()}
         sizes = {name: len(indices) for name, (indices, _) in result.selections.items()}
         return {"accuracy": result.metrics["accuracy"]["final"], "stages": result.metrics["accuracy"],
                 "precision": precision, "selected": sizes}
@@ -266,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", default=["all"])
     parser.add_argument("--shots", nargs="*", type=int, default=[1, 2, 4, 8, 16], choices=sorted(baselines.COOP_EPOCHS))
     parser.add_argument("--tasks", nargs="*", default=None, choices=[*TASKS, *DEV_TASKS],
-                        help="default: every benchmark task; the development tasks only when named")
+                        help="default: every benchmark task (none with --data); the development tasks only when named")
+    parser.add_argument("--data", nargs="*", type=Path, default=[],
+                        help="datasets on disk: DIR/test/<class>/ and DIR/train/<class>/ or DIR/unlabeled/")
+    parser.add_argument("--no-flip", action="store_true",
+                        help="--data's classes change when mirrored (digits, text): no horizontal flips")
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--num-train", type=int, default=None, help="unlabeled images per task (default: task's)")
     parser.add_argument("--num-test", type=int, default=None)
@@ -275,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"short schedules: a smoke run of every method in under 10 minutes on 2 cores")
     parser.add_argument("--model", default="proxy")
     parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--config", type=Path, help="JSON overrides of the CoFT/CoFT+ config")
     parser.add_argument("--fixmatch", type=json.loads, default={},
                         help='FixMatchConfig overrides for fixmatch and fixmatch-da, as JSON: \'{"lr": 1e-4}\'')
@@ -288,32 +346,45 @@ def main(argv: list[str] | None = None) -> None:
     if args.tables_from:
         latest = {(r["method"], r["task"], r["seed"]): r for path in args.tables_from for r in json.loads(path.read_text())}
         runs = list(latest.values())
-        print_tables(runs, list(dict.fromkeys(r["method"] for r in runs)),
-                     [t for t in [*TASKS, *DEV_TASKS] if any(r["task"] == t for r in runs)], 1 + max(r["seed"] for r in runs))
+        proxy_order = [t for t in [*TASKS, *DEV_TASKS] if any(r["task"] == t for r in runs)]
+        tasks = proxy_order + [t for t in dict.fromkeys(r["task"] for r in runs) if t not in proxy_order]
+        print_tables(runs, list(dict.fromkeys(r["method"] for r in runs)), tasks, 1 + max(r["seed"] for r in runs))
         return
     shard, shards = (int(part) for part in args.shard.split("/"))
     overrides = json.loads(args.config.read_text()) if args.config else {}
     epoch_factor = 1.0
     if args.quick:
-        args.tasks = args.tasks or QUICK_TASKS
+        if args.tasks is None and not args.data:
+            args.tasks = QUICK_TASKS
         args.seeds = args.seeds or 1
         args.num_train, args.num_test = args.num_train or 300, args.num_test or 200
         if args.shots == parser.get_default("shots"):
             args.shots = [1, 4, 16]
         overrides = {**QUICK_OVERRIDES, **overrides}
         epoch_factor = QUICK_EPOCH_FACTOR
-    args.tasks = args.tasks or list(TASKS)
+    if args.tasks is None:
+        args.tasks = [] if args.data else list(TASKS)
     args.seeds = args.seeds or 3
     available = registry(args.shots)
     methods = select_methods(args.methods, available)
+    folders = {}
+    for root in args.data:
+        task = folder_task(root, flip_invariant=not args.no_flip)
+        if task.name in folders or task.name in args.tasks:
+            raise SystemExit(f"two tasks are named {task.name!r}")
+        few_shot = [m for m in methods if m.startswith(("coop-", "linear-probe-"))]
+        if task.train_labels is None and few_shot:
+            raise SystemExit(f"{root} has no train/<class>/ folders, so it has no shots for {', '.join(few_shot)}")
+        folders[task.name] = task
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    backbone = load_backbone(args.model, args.pretrained)
+    backbone = load_backbone(args.model, args.pretrained, args.device)
     runs = []
     started = time.perf_counter()
-    pairs = [(name, seed) for name in args.tasks for seed in range(args.seeds)][shard::shards]
+    names = [*args.tasks, *folders]
+    pairs = [(name, seed) for name in names for seed in range(args.seeds)][shard::shards]
     for name in dict.fromkeys(name for name, _ in pairs):
-        task = load_task(name, args.num_train, args.num_test)
+        task = folders.get(name) or proxy_task(name, args.num_train, args.num_test)
         for method in methods:
             for seed in [seed for task_name, seed in pairs if task_name == name]:
                 if method in DETERMINISTIC and seed != 0:
@@ -326,10 +397,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} {method} seed {seed}: {100 * run['accuracy']:.1f} ({run['seconds']:.1f}s)", flush=True)
                 if args.json:  # after every run, so that a long sweep stopped early keeps what it measured
                     args.json.write_text(json.dumps(runs, indent=2))
-    print_tables(runs, methods, args.tasks, args.seeds)
+    print_tables(runs, methods, names, args.seeds)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f}s, backbone {args.model}, "
-          f"torch threads {torch.get_num_threads()}, device {backbone.device}, "
-          f"{len(args.tasks)} task(s), {args.num_train or 'default'} train / {args.num_test or 'default'} test images")
+          f"torch threads {torch.get_num_threads()}, device {backbone.device}, {len(names)} task(s)"
+          + (f", {args.num_train or 'default'} train / {args.num_test or 'default'} test images per proxy task"
+             if args.tasks else "")
+          + "".join(f"; {t.name}: {len(t.train_images)} train / {len(t.test_images)} test" for t in folders.values()))
 
 
 if __name__ == "__main__":
