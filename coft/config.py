@@ -127,6 +127,11 @@ class Phase2Config(_Config):
     augment: bool = True
     crop_scale_min: float = Field(0.8, gt=0, le=1)
     hflip: bool = True
+    # Noisy Student (Xie et al. 2020): a student noised with RandAugment can end above the teacher whose
+    # labels it learns, where an un-noised one copies it. 0 (the spec): the crop and flip only; n > 0: n
+    # RandAugment operations of this magnitude (0-30) after the crop, on each image's CE view.
+    randaugment_ops: int = Field(0, ge=0)
+    randaugment_magnitude: int = Field(10, ge=0, le=30)
     head_init: Literal["text", "random"] = "text"  # "text": zero-shot class embeddings
     # The CE on the clean sets: 0 the cross-entropy (the paper); q in (0, 1] the generalised cross-entropy
     # (coft.losses.classification_loss), which down-weights the clean labels the model doubts. At 0.7 on

@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from coft.augment import train_augmentation
+from coft.augment import StrongAugmentation, train_augmentation
 from coft.backbone import Backbone
 from coft.classifier import ImageClassifier, text_head
 from coft.config import Phase2Config
@@ -67,8 +67,12 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
     start = ({name: value.detach().clone() for name, value in model.state_dict().items()}
              if config.weight_interpolation < 1.0 else None)
     model.train().requires_grad_(True)
-    augmentation = (train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
-                    if config.augment else None)
+    augmentation = None
+    if config.augment and config.randaugment_ops:
+        augmentation = StrongAugmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip,
+                                          config.randaugment_ops, config.randaugment_magnitude)
+    elif config.augment:
+        augmentation = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
     total_steps = max(1, config.epochs * steps_per_epoch(len(images), config.batch_size))
     optimiser = Optimiser(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, total_steps=total_steps, device=device)

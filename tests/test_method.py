@@ -455,6 +455,25 @@ def test_phase2_generalised_ce_reaches_the_training_step(tiny_backbone, tiny_sou
     assert any(not torch.allclose(trained[0.7][name], trained[0.0][name], atol=1e-5) for name in head)
 
 
+def test_phase2_randaugment_noises_the_ce_views(tiny_backbone, tiny_source):
+    """phase2.randaugment_ops > 0 trains on RandAugment views (Noisy Student); 0 keeps the crop-and-flip update."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trained, histories = {}, {}
+    for name, ops in (("weak", 0), ("weak again", 0), ("randaugment", 2)):
+        model = _phase2_model(tiny_backbone)
+        torch.manual_seed(0)
+        histories[name] = fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool),
+                                    PHASE2.model_copy(update={"randaugment_ops": ops}), seed=3)
+        trained[name] = clip_parameters(model)
+    for name in trained["weak"]:
+        torch.testing.assert_close(trained["weak again"][name], trained["weak"][name])
+    assert any(not torch.allclose(trained["randaugment"][name], trained["weak"][name], atol=1e-5)
+               for name in trained["weak"])
+    assert math.isfinite(histories["randaugment"][0]["ce"]) and histories["randaugment"][0]["ce"] != histories["weak"][0]["ce"]
+    with pytest.raises(ValidationError):
+        Phase2Config(randaugment_magnitude=31)
+
+
 def test_phase2_sample_weights_reach_the_training_step(tiny_backbone, tiny_source):
     """Weights of one leave Phase II's update as it was; weighing some samples more changes it."""
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
