@@ -9,7 +9,7 @@
 only ever scored), and either `DIR/train/<class>/` (labelled: the labels are used only to measure the
 pseudo-labels' precision and to draw the few-shot rows' shots) or `DIR/unlabeled/` (flat; no few-shot rows).
 Class names come from `DIR/classes.txt` (one per line) if present, else from the test folders' names
-('_' and '-' read as spaces). This is the layout `python -m coft.proxy.tasks export` writes and `coft adapt`
+('_' read as a space). This is the layout `python -m coft.proxy.tasks export` writes and `coft adapt`
 reads. The folders are used whole (`--num-train`/`--num-test` size the proxy tasks only).
 
 Methods (`--methods`, names or groups): label-free `zero-shot`, `zero-shot-ensemble`, `upl`, `fixmatch`,
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coft import baselines  # noqa: E402
 from coft.backbone import Backbone, load_backbone  # noqa: E402
 from coft.config import CoFTConfig  # noqa: E402
-from coft.data import normalise_class_name, open_images, open_labelled_images  # noqa: E402
+from coft.data import open_images, open_labelled_images  # noqa: E402
 from coft.pipeline import LabelledImages, adapt  # noqa: E402
 from coft.proxy.tasks import DEV_TASKS, TASKS, load_task  # noqa: E402
 
@@ -81,15 +81,15 @@ def proxy_task(name: str, num_train: int | None, num_test: int | None) -> Task:
 def folder_task(root: Path, flip_invariant: bool = True) -> Task:
     """`root/test/<class>/`, and `root/train/<class>/` or `root/unlabeled/`; class names from
     `root/classes.txt` or the test folders (the module docstring has the layout)."""
+    if not (root / "test").is_dir():
+        raise SystemExit(f"{root}: no test/<class>/ folders")
     names_file = root / "classes.txt"
     if names_file.exists():
         class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-    else:
-        folders = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith("."))
-        class_names = [" ".join(f.replace("_", " ").replace("-", " ").split()) for f in folders]
-    if len({normalise_class_name(n) for n in class_names}) != len(class_names):
-        raise SystemExit(f"{root}: class names are not distinct: {class_names}")
-    test = open_labelled_images(root / "test", class_names=class_names)
+        test = open_labelled_images(root / "test", class_names=class_names)
+    else:  # the folders' names, as a prompt reads them: "annual_crop" is "annual crop"
+        test = open_labelled_images(root / "test")
+        class_names = [" ".join(name.replace("_", " ").split()) for name in test.class_names]
     if (root / "train").is_dir():
         train = open_labelled_images(root / "train", class_names=class_names)
         train_images, train_labels = train.images, train.labels
