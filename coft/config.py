@@ -132,6 +132,10 @@ class Phase2Config(_Config):
     # RandAugment operations of this magnitude (0-30) after the crop, on each image's CE view.
     randaugment_ops: int = Field(0, ge=0)
     randaugment_magnitude: int = Field(10, ge=0, le=30)
+    # The other noise Noisy Student gives its student, and a cheaper step: each training pass keeps a random
+    # (1 - p) of the image's patch tokens (PatchDropout, as FLIP, Li et al. 2023; open_clip ViT towers only).
+    # 0 (the spec): every token. Predictions always see every token.
+    patch_dropout: float = Field(0.0, ge=0, lt=1)
     head_init: Literal["text", "random"] = "text"  # "text": zero-shot class embeddings
     # The CE on the clean sets: 0 the cross-entropy (the paper); q in (0, 1] the generalised cross-entropy
     # (coft.losses.classification_loss), which down-weights the clean labels the model doubts. At 0.7 on

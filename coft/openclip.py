@@ -11,7 +11,8 @@ projections), not a copy of it:
   Face encoder's input embeddings);
 - visual prompt tokens join the sequence inside the ViT's own forward (hooks on its transformer and
   its blocks);
-- a vision tower is rebuilt from a model config without its text tower (`_build_vision_tower`).
+- a vision tower is rebuilt from a model config without its text tower (`_build_vision_tower`);
+- a ViT tower trains on a random part of its patch tokens (its own `patch_dropout` module, swapped).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import PatchDropout, VisionTransformer
 from torch import nn
 
 
@@ -31,6 +32,23 @@ def build_vision_tower(model_cfg: dict[str, Any]) -> nn.Module:
 
     return _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
                                quick_gelu=model_cfg.get("quick_gelu", False))
+
+
+@contextlib.contextmanager
+def patch_dropout(visual: nn.Module, prob: float) -> Iterator[None]:
+    """Inside, a ViT tower's training passes keep a random (1 - prob) of its patch tokens (open_clip's
+    PatchDropout); eval passes keep them all. prob 0 changes nothing."""
+    if not prob:
+        yield
+        return
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"patch dropout needs an open_clip ViT vision tower, not {type(visual).__name__}")
+    own = visual.patch_dropout
+    visual.patch_dropout = PatchDropout(prob)
+    try:
+        yield
+    finally:
+        visual.patch_dropout = own
 
 
 def image_embedding(output: torch.Tensor | tuple) -> torch.Tensor:

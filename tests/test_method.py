@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from coft.classifier import ARTIFACT_FORMAT, METADATA_FILE, Classifier, ImageClassifier, Predictions, text_head
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
+from coft.openclip import patch_dropout
 from coft.losses import (classification_loss, clean_probability, confusable_other_labels, negative_loss, positive_loss,
                          random_other_labels)
 from coft.phase1 import PromptModel, _losses, train_prompt_model
@@ -472,6 +473,34 @@ def test_phase2_randaugment_noises_the_ce_views(tiny_backbone, tiny_source):
     assert math.isfinite(histories["randaugment"][0]["ce"]) and histories["randaugment"][0]["ce"] != histories["weak"][0]["ce"]
     with pytest.raises(ValidationError):
         Phase2Config(randaugment_magnitude=31)
+
+
+def test_phase2_patch_dropout_trains_on_part_of_the_tokens_and_predicts_on_all(tiny_backbone, tiny_source):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trained = {}
+    for prob in (0.0, 0.5):
+        model = _phase2_model(tiny_backbone)
+        own = model.visual.patch_dropout
+        torch.manual_seed(0)
+        fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool),
+                  PHASE2.model_copy(update={"patch_dropout": prob}), seed=3)
+        assert model.visual.patch_dropout is own  # the trained tower is the architecture it was
+        trained[prob] = clip_parameters(model)
+    assert any(not torch.allclose(trained[0.5][name], trained[0.0][name], atol=1e-5) for name in trained[0.0])
+
+    visual = copy.deepcopy(tiny_backbone.model.visual).train()
+    pixels = torch.randn(2, 3, *visual.image_size)
+    tokens = []
+    visual.transformer.register_forward_hook(lambda module, inputs, output: tokens.append(inputs[0].shape[1]))
+    with patch_dropout(visual, 0.5):
+        visual(pixels)
+        visual.eval()(pixels)
+    visual.train()(pixels)
+    full = visual.grid_size[0] * visual.grid_size[1] + 1
+    assert tokens == [1 + (full - 1) // 2, full, full]  # the class token and half the patches, in training only
+    with pytest.raises(ValueError, match="ViT"):
+        with patch_dropout(torch.nn.Linear(2, 2), 0.5):
+            pass
 
 
 def test_phase2_sample_weights_reach_the_training_step(tiny_backbone, tiny_source):
