@@ -54,6 +54,7 @@ LABEL_FREE = ["zero-shot", "zero-shot-ensemble", "upl", "fixmatch", "fixmatch-da
               "coft", "coft+"]
 DETERMINISTIC = {"zero-shot", "zero-shot-ensemble"}
 QUICK_TASKS = ["digits-handwritten", "shapes-noisy"]
+FEW_SHOT_PREFIXES = ("coop-", "linear-probe-")  # the methods that train on labelled shots
 # --quick shortens every schedule by the same factor, so that it still compares like with like.
 QUICK_OVERRIDES = {"phase1": {"epochs": 5}, "phase2": {"epochs": 3}, "coft_plus": {"rounds": 2}}
 QUICK_EPOCH_FACTOR = 0.15
@@ -211,7 +212,7 @@ def registry(shots: list[int]) -> dict[str, Callable[[Setting], dict]]:
 
 def select_methods(requested: list[str], available: dict) -> list[str]:
     groups = {"all": list(available), "label-free": LABEL_FREE,
-              "few-shot": [m for m in available if m.startswith(("coop-", "linear-probe-"))],
+              "few-shot": [m for m in available if m.startswith(FEW_SHOT_PREFIXES)],
               "coop": [m for m in available if m.startswith("coop-")],
               "linear-probe": [m for m in available if m.startswith("linear-probe-")]}
     chosen: list[str] = []
@@ -246,7 +247,7 @@ def print_main_table(runs: list[dict], methods: list[str], tasks: list[str], num
         # the average over tasks, per seed: its spread is the seed-to-seed spread of the average
         seeds = sorted({r["seed"] for r in rows})
         per_seed = [statistics.fmean(r["accuracy"] for r in rows if r["seed"] == seed) for seed in seeds]
-        labels = f"{method.rsplit('-', 1)[1]}/class" if method.startswith(("coop-", "linear-probe-")) else "none"
+        labels = f"{method.rsplit('-', 1)[1]}/class" if method.startswith(FEW_SHOT_PREFIXES) else "none"
         seconds = statistics.fmean(r["seconds"] for r in rows)
         print(f"| {method} | {labels} | " + " | ".join(cells) + f" | **{summarise(per_seed)}** | {seconds:.1f} |")
 
@@ -368,11 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     available = registry(args.shots)
     methods = select_methods(args.methods, available)
     folders = {}
+    few_shot = [m for m in methods if m.startswith(FEW_SHOT_PREFIXES)]
     for root in args.data:
         task = folder_task(root, flip_invariant=not args.no_flip)
         if task.name in folders or task.name in args.tasks:
             raise SystemExit(f"two tasks are named {task.name!r}")
-        few_shot = [m for m in methods if m.startswith(("coop-", "linear-probe-"))]
         if task.train_labels is None and few_shot:
             raise SystemExit(f"{root} has no train/<class>/ folders, so it has no shots for {', '.join(few_shot)}")
         folders[task.name] = task

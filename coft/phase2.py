@@ -80,44 +80,43 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
     clean, labels = clean.bool().cpu(), labels.cpu()
     order = torch.Generator().manual_seed(seed)
     history, step = [], 0
-    with patch_dropout(model.visual, config.patch_dropout):  # training passes only
-        for epoch in range(config.epochs):
-            means = LossMeans()
-            for positions in epoch_batches(len(images), config.batch_size, order):
-                step += 1
-                rows = clean[positions].nonzero().squeeze(1)  # the batch's clean rows
-                if len(rows) < MIN_CE_SAMPLES:  # too few for a CE step: the batch counts as all rejected
-                    rows = rows[:0]
-                kept = positions[rows]
-                # Copies to the device never wait: a blocking one would stall the host until the GPU drains.
-                targets = labels[kept].to(device, non_blocking=True)
-                kept_weights = None if weights is None else weights[kept].to(device, non_blocking=True)
-                if contrastive is None:
-                    if len(kept) == 0:
-                        optimiser.skip()
-                    else:
-                        with backbone.autocast():
-                            logits = model(training_inputs(images, kept, augmentation)).float()
-                            ce = classification_loss(logits, targets, config.gce_q, kept_weights)
-                        optimiser.step(ce)
-                        means.add("ce", ce, len(kept))
+    for epoch in range(config.epochs):
+        means = LossMeans()
+        for positions in epoch_batches(len(images), config.batch_size, order):
+            step += 1
+            rows = clean[positions].nonzero().squeeze(1)  # the batch's clean rows
+            if len(rows) < MIN_CE_SAMPLES:  # too few for a CE step: the batch counts as all rejected
+                rows = rows[:0]
+            kept = positions[rows]
+            # Copies to the device never wait: a blocking one would stall the host until the GPU drains.
+            targets = labels[kept].to(device, non_blocking=True)
+            kept_weights = None if weights is None else weights[kept].to(device, non_blocking=True)
+            if contrastive is None:
+                if len(kept) == 0:
+                    optimiser.skip()
                 else:
-                    pixels = images.pixels(positions)
-                    with backbone.autocast():
-                        queries, logits = _queries_and_logits(model, images, positions, pixels, rows, augmentation,
-                                                              contrastive)
-                        nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
-                        loss = nce
-                        if len(kept):
-                            ce = classification_loss(logits.float(), targets, config.gce_q, kept_weights)
-                            loss = loss + ce
-                            means.add("ce", ce, len(kept))
-                    optimiser.step(loss)
-                    means.add("extra", nce)
-                if report is not None:
-                    report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
-            # None, not 0.0, for an epoch without a single clean sample: nothing was fitted.
-            history.append({"epoch": epoch + 1, **means.read(*(("ce", "extra") if contrastive else ("ce",)))})
+                    with backbone.autocast(), patch_dropout(model.visual, config.patch_dropout):
+                        ce = classification_loss(model(training_inputs(images, kept, augmentation)).float(), targets,
+                                                 config.gce_q, kept_weights)
+                    optimiser.step(ce)
+                    means.add("ce", ce, len(kept))
+            else:
+                pixels = images.pixels(positions)
+                with backbone.autocast(), patch_dropout(model.visual, config.patch_dropout):
+                    queries, logits = _queries_and_logits(model, images, positions, pixels, rows, augmentation,
+                                                          contrastive)
+                    nce = contrastive(model.visual, queries, images.view(pixels, contrastive.augmentation))
+                    loss = nce
+                    if len(kept):
+                        ce = classification_loss(logits.float(), targets, config.gce_q, kept_weights)
+                        loss = loss + ce
+                        means.add("ce", ce, len(kept))
+                optimiser.step(loss)
+                means.add("extra", nce)
+            if report is not None:
+                report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
+        # None, not 0.0, for an epoch without a single clean sample: nothing was fitted.
+        history.append({"epoch": epoch + 1, **means.read(*(("ce", "extra") if contrastive else ("ce",)))})
     model.eval().requires_grad_(False)
     if start is not None:
         interpolate_weights(model, start, config.weight_interpolation)
