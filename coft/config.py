@@ -136,6 +136,12 @@ class Phase2Config(_Config):
     # (1 - p) of the image's patch tokens (PatchDropout, as FLIP, Li et al. 2023; open_clip ViT towers only).
     # 0 (the spec): every token. Predictions always see every token.
     patch_dropout: float = Field(0.0, ge=0, lt=1)
+    # Layer-wise learning-rate decay (as BEiT and FT-CLIP fine-tune CLIP): block i of a ViT tower with L blocks
+    # trains at lr x layer_decay^(L + 1 - i), so the pre-trained lower layers move least; the head and the
+    # tower's projection train at lr. 1 (the spec): one lr for every weight. head_lr_scale multiplies the head's
+    # lr on top of that; 0 keeps the zero-shot head fixed, so the tower learns towards the text embeddings.
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    head_lr_scale: float = Field(1.0, ge=0)
     head_init: Literal["text", "random"] = "text"  # "text": zero-shot class embeddings
     # The CE on the clean sets: 0 the cross-entropy (the paper); q in (0, 1] the generalised cross-entropy
     # (coft.losses.classification_loss), which down-weights the clean labels the model doubts. At 0.7 on

@@ -12,7 +12,8 @@ projections), not a copy of it:
 - visual prompt tokens join the sequence inside the ViT's own forward (hooks on its transformer and
   its blocks);
 - a vision tower is rebuilt from a model config without its text tower (`_build_vision_tower`);
-- a ViT tower trains on a random part of its patch tokens (its own `patch_dropout` module, swapped).
+- a ViT tower trains on a random part of its patch tokens (its own `patch_dropout` module, swapped);
+- a ViT tower's parameters are numbered by depth, for layer-wise learning rates (`vision_depths`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ def is_prompted_vit(visual: nn.Module) -> bool:
 def vision_layers(visual: VisionTransformer) -> tuple[int, int]:
     """(blocks, width) of a ViT's transformer."""
     return len(visual.transformer.resblocks), visual.transformer.width
+
+
+def vision_depths(visual: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's depth in a ViT tower, and the deepest: 0 for the patch embedding and what
+    comes before the first block, i for block i (from 1), blocks + 1 for the pooling and projection."""
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"layer-wise learning rates need an open_clip ViT vision tower, not {type(visual).__name__}")
+    blocks, _ = vision_layers(visual)
+    prefix = "transformer.resblocks."
+    before = {"class_embedding", "positional_embedding", "conv1", "ln_pre", "patchnorm_pre_ln"}
+    depths = {}
+    for name, _ in visual.named_parameters():
+        if name.startswith(prefix):
+            depths[name] = int(name[len(prefix):].split(".")[0]) + 1
+        else:
+            depths[name] = 0 if name.split(".")[0] in before else blocks + 1
+    return depths, blocks + 1
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from coft.config import Phase2Config
 from coft.contrastive import MomentumContrast
 from coft.image_cache import ImageSource, training_inputs
 from coft.losses import classification_loss
-from coft.openclip import patch_dropout
+from coft.openclip import patch_dropout, vision_depths
 from coft.progress import StageReport
 from coft.training import LossMeans, Optimiser, epoch_batches, steps_per_epoch
 
@@ -37,6 +37,20 @@ def fresh_classifier(backbone: Backbone, text_features: torch.Tensor, config: Ph
     if config.head_init == "random":
         torch.nn.init.normal_(head.weight, std=0.01)
     return ImageClassifier(copy.deepcopy(backbone.model.visual), head)
+
+
+def parameter_groups(model: ImageClassifier, config: Phase2Config) -> list[dict]:
+    """The optimiser's parameter groups, each with its own lr: `layer_decay` per tower depth, `head_lr_scale`
+    for the head. One group of every weight at `lr` where both are 1 (the spec)."""
+    head = {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_scale}
+    if config.layer_decay == 1.0:
+        return [{"params": list(model.visual.parameters()), "lr": config.lr}, head]
+    depths, top = vision_depths(model.visual)
+    layers: dict[int, list[torch.nn.Parameter]] = {}
+    for name, parameter in model.visual.named_parameters():
+        layers.setdefault(depths[name], []).append(parameter)
+    return [*({"params": parameters, "lr": config.lr * config.layer_decay ** (top - depth)}
+              for depth, parameters in sorted(layers.items())), head]
 
 
 def s_star_weights(num_images: int, s_star: torch.Tensor, weight: float) -> torch.Tensor | None:
@@ -75,7 +89,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
     elif config.augment:
         augmentation = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
     total_steps = max(1, config.epochs * steps_per_epoch(len(images), config.batch_size))
-    optimiser = Optimiser(model.parameters(), lr=config.lr, momentum=config.momentum,
+    optimiser = Optimiser(parameter_groups(model, config), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, total_steps=total_steps, device=device)
     clean, labels = clean.bool().cpu(), labels.cpu()
     order = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from coft.classifier import ARTIFACT_FORMAT, METADATA_FILE, Classifier, ImageClassifier, Predictions, text_head
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
-from coft.openclip import patch_dropout
+from coft.openclip import patch_dropout, vision_depths
 from coft.losses import (classification_loss, clean_probability, confusable_other_labels, negative_loss, positive_loss,
                          random_other_labels)
 from coft.phase1 import PromptModel, _losses, train_prompt_model
@@ -502,6 +502,33 @@ def test_phase2_patch_dropout_trains_on_part_of_the_tokens_and_predicts_on_all(t
     with pytest.raises(ValueError, match="ViT"):
         with patch_dropout(torch.nn.Linear(2, 2), 0.5):
             pass
+
+
+def test_phase2_layer_decay_and_head_lr_scale_set_each_weights_first_step(tiny_backbone, tiny_source):
+    """One step from the same start: each tower weight's update is the plain one times layer_decay^(top -
+    depth), and a head_lr_scale of 0 keeps the head at its zero-shot start while the tower learns."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    one_step = PHASE2.model_copy(update={"batch_size": 8})
+    start = clip_parameters(_phase2_model(tiny_backbone))
+    updates = {}
+    for name, update in (("plain", {}), ("decay", {"layer_decay": 0.5}), ("fixed_head", {"head_lr_scale": 0.0})):
+        model = _phase2_model(tiny_backbone)
+        torch.manual_seed(0)
+        fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool),
+                  one_step.model_copy(update=update), seed=3)
+        updates[name] = {key: value - start[key] for key, value in clip_parameters(model).items()}
+    depths, top = vision_depths(_phase2_model(tiny_backbone).visual)
+    assert top == len(tiny_backbone.model.visual.transformer.resblocks) + 1 and set(depths.values()) == set(range(top + 1))
+    for key, plain in updates["plain"].items():
+        factor = 0.5 ** (top - depths[key[len("visual."):]]) if key.startswith("visual.") else 1.0
+        torch.testing.assert_close(updates["decay"][key], plain * factor, atol=1e-7, rtol=1e-4)
+        if key.startswith("head."):
+            assert not updates["fixed_head"][key].any()
+        else:
+            torch.testing.assert_close(updates["fixed_head"][key], plain)
+    assert updates["plain"]["visual.conv1.weight"].abs().max() > 0 and updates["plain"]["head.weight"].abs().max() > 0
+    with pytest.raises(ValueError, match="ViT"):
+        vision_depths(torch.nn.Linear(2, 2))
 
 
 def test_phase2_sample_weights_reach_the_training_step(tiny_backbone, tiny_source):
