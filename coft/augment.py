@@ -8,7 +8,8 @@ operations on the device instead of 64 trips through PIL on one CPU thread.
 The recipes are the method spec's: RandomResizedCrop (scale from the config, torchvision's aspect
 range 3/4-4/3) and a horizontal flip for Phase I and II; MoCo v2's two views for CoFT+ (crop 0.2-1,
 colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale p 0.2, Gaussian blur sigma 0.1-2 with p 0.5, flip);
-RandAugment for FixMatch's strong view.
+RandAugment for FixMatch's strong view. MixUp (an option of Phase II) mixes whole samples: images,
+their labels and their weights.
 """
 
 from __future__ import annotations
@@ -84,3 +85,23 @@ class StrongAugmentation(nn.Module):
         cropped = self.crop(pixels)
         augmented = torch.cat([self.rand_augment(image.unsqueeze(0)) for image in cropped])
         return self.normalize(self.flip(augmented.clamp(0.0, 1.0)))
+
+
+class MixUp(nn.Module):
+    """MixUp (Zhang et al. 2018) on a batch of model inputs: each image becomes (1 - share) x itself +
+    share x a random partner from the batch, share ~ U(0, max_share) per image (kornia's RandomMixUpV2);
+    its target and its weight are mixed alike. Under noisy labels it keeps the model from memorising
+    single wrong ones (the paper's Sec. 3.4)."""
+
+    def __init__(self, max_share: float):
+        super().__init__()
+        self.mix = K.RandomMixUpV2(lambda_val=(0.0, max_share), data_keys=["input", "class"])
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(mixed inputs, class probabilities [B, C], mixed weights or None)."""
+        mixed, pairs = self.mix(inputs, torch.arange(len(inputs), device=inputs.device))  # pairs: (self, partner, share)
+        partner, share = pairs[:, 1].long(), pairs[:, 2].to(inputs.device)
+        one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
+        targets = one_hot.lerp(one_hot[partner], share[:, None])
+        return mixed, targets, None if weights is None else weights.lerp(weights[partner], share)

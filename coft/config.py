@@ -142,6 +142,10 @@ class Phase2Config(_Config):
     # lr on top of that; 0 keeps the zero-shot head fixed, so the tower learns towards the text embeddings.
     layer_decay: float = Field(1.0, gt=0, le=1)
     head_lr_scale: float = Field(1.0, ge=0)
+    # MixUp on the CE's inputs (coft.augment.MixUp): each image mixed with a random partner of its batch, the
+    # partner's share ~ U(0, mixup), labels and weights mixed alike. 0 (the spec): no mixing. CoFT only: CoFT+'s
+    # contrastive term needs the unmixed views.
+    mixup: float = Field(0.0, ge=0, le=1)
     head_init: Literal["text", "random"] = "text"  # "text": zero-shot class embeddings
     # The CE on the clean sets: 0 the cross-entropy (the paper); q in (0, 1] the generalised cross-entropy
     # (coft.losses.classification_loss), which down-weights the clean labels the model doubts. At 0.7 on

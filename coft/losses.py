@@ -13,13 +13,17 @@ import torch.nn.functional as F
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, gce_q: float = 0.0,
                         weights: torch.Tensor | None = None) -> torch.Tensor:
     """The cross-entropy, or with gce_q > 0 the generalised cross-entropy (1 - p_y^q) / q of Zhang &
-    Sabuncu (2018); with `weights`, their weighted mean over the samples.
+    Sabuncu (2018); with `weights`, their weighted mean over the samples. `labels` are class indices
+    [B] or class probabilities [B, C] (MixUp's targets: each class's loss weighed by its probability).
 
     GCE tends to the cross-entropy as q -> 0 and to the mean absolute error at q = 1. It weighs each
     sample's gradient by p_y^q, so a label the model keeps disagreeing with (often a wrong one) pulls less.
     """
     if gce_q == 0:
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        losses = F.cross_entropy(logits, labels.to(logits.dtype) if labels.ndim == 2 else labels, reduction="none")
+    elif labels.ndim == 2:
+        probabilities = logits.float().softmax(dim=1).clamp_min(1e-12)
+        losses = (labels * (1 - probabilities ** gce_q) / gce_q).sum(dim=1)
     else:
         p_label = logits.float().softmax(dim=1).gather(1, labels[:, None]).squeeze(1)
         losses = (1 - p_label.clamp_min(1e-12) ** gce_q) / gce_q

@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from coft.augment import StrongAugmentation, train_augmentation
+from coft.augment import MixUp, StrongAugmentation, train_augmentation
 from coft.backbone import Backbone
 from coft.classifier import ImageClassifier, text_head
 from coft.config import Phase2Config
@@ -88,6 +88,9 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                                           config.randaugment_ops, config.randaugment_magnitude)
     elif config.augment:
         augmentation = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
+    if config.mixup and contrastive is not None:
+        raise ValueError("phase2.mixup is CoFT's: CoFT+'s contrastive term needs the unmixed views")
+    mixup = MixUp(config.mixup) if config.mixup else None
     total_steps = max(1, config.epochs * steps_per_epoch(len(images), config.batch_size))
     optimiser = Optimiser(parameter_groups(model, config), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, total_steps=total_steps, device=device)
@@ -110,8 +113,11 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                     optimiser.skip()
                 else:
                     with backbone.autocast(), patch_dropout(model.visual, config.patch_dropout):
-                        ce = classification_loss(model(training_inputs(images, kept, augmentation)).float(), targets,
-                                                 config.gce_q, kept_weights)
+                        inputs = training_inputs(images, kept, augmentation)
+                        if mixup is not None:
+                            inputs, targets, kept_weights = mixup(inputs, targets, model.head.out_features,
+                                                                  kept_weights)
+                        ce = classification_loss(model(inputs).float(), targets, config.gce_q, kept_weights)
                     optimiser.step(ce)
                     means.add("ce", ce, len(kept))
             else:

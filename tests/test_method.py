@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from coft.augment import MixUp
 from coft.classifier import ARTIFACT_FORMAT, METADATA_FILE, Classifier, ImageClassifier, Predictions, text_head
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
-from coft.openclip import patch_dropout, vision_depths
+from coft.contrastive import MomentumContrast
 from coft.losses import (classification_loss, clean_probability, confusable_other_labels, negative_loss, positive_loss,
                          random_other_labels)
+from coft.openclip import patch_dropout, vision_depths
 from coft.phase1 import PromptModel, _losses, train_prompt_model
 from coft.phase2 import fine_tune
 from coft.pipeline import LabelledImages, adapt
@@ -137,6 +139,35 @@ def test_weighted_classification_loss_counts_a_sample_as_often_as_its_weight():
         torch.testing.assert_close(classification_loss(logits, labels, q, torch.ones(3)),
                                    classification_loss(logits, labels, q))
         assert not torch.isclose(weighted, classification_loss(logits, labels, q))
+
+
+def test_classification_loss_on_class_probabilities_mixes_the_losses_of_their_classes():
+    """One-hot probabilities give the index form's loss; a mixture gives the mixture of the losses (MixUp's targets)."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.3, 0.1], [-1.0, 1.0, 0.0]])
+    labels, others = torch.tensor([0, 2, 1]), torch.tensor([1, 1, 0])
+    weights = torch.tensor([1.0, 3.0, 2.0])
+    for q in (0.0, 0.7):
+        one_hot = F.one_hot(labels, 3).float()
+        torch.testing.assert_close(classification_loss(logits, one_hot, q, weights),
+                                   classification_loss(logits, labels, q, weights))
+        mixed = 0.75 * one_hot + 0.25 * F.one_hot(others, 3).float()
+        torch.testing.assert_close(classification_loss(logits, mixed, q),
+                                   0.75 * classification_loss(logits, labels, q) + 0.25 * classification_loss(logits, others, q))
+
+
+def test_mixup_mixes_each_image_with_a_partner_and_its_target_and_weight_alike():
+    torch.manual_seed(0)
+    count = 16
+    inputs = torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1).expand(count, 3, 4, 4).contiguous()
+    positions = torch.arange(count)  # image i is the constant i, labelled i and weighed i
+    mixed, targets, weights = MixUp(0.4)(inputs, positions, count, positions.float())
+    assert mixed.shape == inputs.shape
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(count))
+    torch.testing.assert_close(mixed.mean(dim=(1, 2, 3)), targets @ positions.float())  # the image mixes as its target
+    torch.testing.assert_close(weights, targets @ positions.float())  # and so does its weight
+    own = targets[positions, positions]
+    assert (own >= 0.6 - 1e-6).all() and (own < 1).sum() >= count // 2  # a partner's share is at most 0.4, and drawn
+    assert MixUp(0.4)(inputs, positions, count)[2] is None
 
 
 def test_random_other_labels_never_the_label_and_covers_every_other_class():
@@ -454,6 +485,24 @@ def test_phase2_generalised_ce_reaches_the_training_step(tiny_backbone, tiny_sou
     for name in trained[0.0]:
         torch.testing.assert_close(trained[1e-6][name], trained[0.0][name], rtol=1e-3, atol=1e-5)
     assert any(not torch.allclose(trained[0.7][name], trained[0.0][name], atol=1e-5) for name in head)
+
+
+def test_phase2_mixup_changes_the_update_and_is_refused_beside_the_contrastive_term(tiny_backbone, tiny_source):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    trained = {}
+    for share in (0.0, 0.5):
+        model = _phase2_model(tiny_backbone)
+        torch.manual_seed(0)
+        fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool),
+                  PHASE2.model_copy(update={"mixup": share}), seed=3)
+        trained[share] = clip_parameters(model)
+    assert any(not torch.allclose(trained[0.5][name], trained[0.0][name], atol=1e-5) for name in trained[0.0])
+    model = _phase2_model(tiny_backbone)
+    contrastive = MomentumContrast(model.visual, model.head.in_features, tiny_backbone.preprocess_cfg,
+                                   tiny_backbone.device, momentum=0.999, temperature=0.07, weight=0.1, queue_length=16)
+    with pytest.raises(ValueError, match="mixup"):
+        fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool),
+                  PHASE2.model_copy(update={"mixup": 0.5}), seed=3, contrastive=contrastive)
 
 
 def test_phase2_randaugment_noises_the_ce_views(tiny_backbone, tiny_source):
