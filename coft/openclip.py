@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import PatchDropout, VisionTransformer
 from torch import nn
 
@@ -109,20 +111,34 @@ def vision_layers(visual: VisionTransformer) -> tuple[int, int]:
 
 
 def vision_depths(visual: nn.Module) -> tuple[dict[str, int], int]:
-    """Each parameter's depth in a ViT tower, and the deepest: 0 for the patch embedding and what
-    comes before the first block, i for block i (from 1), blocks + 1 for the pooling and projection."""
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"layer-wise learning rates need an open_clip ViT vision tower, not {type(visual).__name__}")
-    blocks, _ = vision_layers(visual)
-    prefix = "transformer.resblocks."
-    before = {"class_embedding", "positional_embedding", "conv1", "ln_pre", "patchnorm_pre_ln"}
-    depths = {}
-    for name, _ in visual.named_parameters():
-        if name.startswith(prefix):
-            depths[name] = int(name[len(prefix):].split(".")[0]) + 1
-        else:
-            depths[name] = 0 if name.split(".")[0] in before else blocks + 1
-    return depths, blocks + 1
+    """Each parameter's depth in a vision tower, and the deepest depth: 0 for the stem (a ViT's patch
+    embedding and what precedes its first block), one more for each block or stage, and the deepest for
+    the pooling and projection. open_clip's ViT and ResNet towers, and timm trunks (by timm's own layer
+    groups, as its layer-decay optimisers use them)."""
+    if isinstance(visual, VisionTransformer):
+        stages, stem = vision_layers(visual)[0], {"class_embedding", "positional_embedding", "conv1", "ln_pre"}
+        prefix = "transformer.resblocks."
+        def depth(name: str) -> int:
+            if name.startswith(prefix):
+                return int(name[len(prefix):].split(".")[0]) + 1
+            return 0 if name.split(".")[0] in stem else stages + 1
+    elif isinstance(visual, ModifiedResNet):
+        stages = 4
+        def depth(name: str) -> int:
+            first = name.split(".")[0]
+            return int(first[len("layer"):]) if first.startswith("layer") else 0 if first != "attnpool" else stages + 1
+    elif isinstance(visual, TimmModel):
+        from timm.models import group_parameters
+
+        groups = group_parameters(visual.trunk, visual.trunk.group_matcher(coarse=False))
+        trunk = {f"trunk.{name}": layer for layer, names in groups.items() for name in names}
+        stages = max(groups)
+        def depth(name: str) -> int:
+            return trunk.get(name, stages + 1)
+    else:
+        raise ValueError(f"layer-wise learning rates need an open_clip ViT or ResNet tower or a timm trunk, "
+                         f"not {type(visual).__name__}")
+    return {name: depth(name) for name, _ in visual.named_parameters()}, stages + 1
 
 
 @contextlib.contextmanager

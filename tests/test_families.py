@@ -153,3 +153,25 @@ def test_a_vision_tower_rebuilt_from_its_config_takes_the_models_weights(family)
     _, backbone = family
     tower = build_vision_tower(backbone.model_cfg)
     tower.load_state_dict(backbone.model.visual.state_dict(), strict=True)
+
+
+def test_every_tower_has_depths_for_layer_decay_and_phase2_trains_with_it(family, images):
+    """phase2.layer_decay numbers each weight by depth: the stem at 0, the pooling and projection deepest."""
+    from coft.config import Phase2Config
+    from coft.image_cache import cached_images
+    from coft.openclip import vision_depths
+    from coft.phase2 import fine_tune, fresh_classifier
+
+    _, backbone = family
+    visual = backbone.model.visual
+    depths, top = vision_depths(visual)
+    assert set(depths) == {name for name, _ in visual.named_parameters()}
+    assert min(depths.values()) == 0 and max(depths.values()) == top and len(set(depths.values())) >= 4
+    first = next(name for name, _ in visual.named_parameters())  # every tower's first weight is its stem's
+    assert depths[first] == 0
+    source = cached_images(images, backbone.preprocess_cfg, backbone.device)
+    model = fresh_classifier(backbone, F.normalize(torch.randn(3, backbone.model_cfg["embed_dim"]), dim=-1),
+                             Phase2Config())
+    history = fine_tune(model, backbone, source, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.ones(8, dtype=torch.bool),
+                        Phase2Config(epochs=1, batch_size=4, layer_decay=0.5), seed=0)
+    assert history[0]["ce"] is not None
