@@ -91,7 +91,7 @@ class MixUp(nn.Module):
     """MixUp (Zhang et al. 2018) on a batch of model inputs: each image becomes (1 - share) x itself +
     share x a random partner from the batch, share ~ U(0, max_share) per image (kornia's RandomMixUpV2);
     its target and its weight are mixed alike. Under noisy labels it keeps the model from memorising
-    single wrong ones (the paper's Sec. 3.4)."""
+    single wrong ones (the MixUp paper's corrupted-label experiments)."""
 
     def __init__(self, max_share: float):
         super().__init__()

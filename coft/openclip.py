@@ -13,7 +13,7 @@ projections), not a copy of it:
   its blocks);
 - a vision tower is rebuilt from a model config without its text tower (`_build_vision_tower`);
 - a ViT tower trains on a random part of its patch tokens (its own `patch_dropout` module, swapped);
-- a ViT tower's parameters are numbered by depth, for layer-wise learning rates (`vision_depths`).
+- a vision tower's parameters are numbered by depth, for layer-wise learning rates (`vision_depths`).
 """
 
 from __future__ import annotations
@@ -118,21 +118,26 @@ def vision_depths(visual: nn.Module) -> tuple[dict[str, int], int]:
     if isinstance(visual, VisionTransformer):
         stages, stem = vision_layers(visual)[0], {"class_embedding", "positional_embedding", "conv1", "ln_pre"}
         prefix = "transformer.resblocks."
+
         def depth(name: str) -> int:
             if name.startswith(prefix):
                 return int(name[len(prefix):].split(".")[0]) + 1
             return 0 if name.split(".")[0] in stem else stages + 1
     elif isinstance(visual, ModifiedResNet):
-        stages = 4
+        stages = 4  # layer1-4, after the stem's three convolutions
+
         def depth(name: str) -> int:
             first = name.split(".")[0]
-            return int(first[len("layer"):]) if first.startswith("layer") else 0 if first != "attnpool" else stages + 1
+            if first.startswith("layer"):
+                return int(first[len("layer"):])
+            return stages + 1 if first == "attnpool" else 0
     elif isinstance(visual, TimmModel):
         from timm.models import group_parameters
 
         groups = group_parameters(visual.trunk, visual.trunk.group_matcher(coarse=False))
         trunk = {f"trunk.{name}": layer for layer, names in groups.items() for name in names}
         stages = max(groups)
+
         def depth(name: str) -> int:
             return trunk.get(name, stages + 1)
     else:

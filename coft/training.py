@@ -59,8 +59,8 @@ class Optimiser:
     """SGD with momentum and weight decay, cosine-annealed over a known number of steps, with loss
     scaling where float16 autocast needs it (GPUs without bfloat16)."""
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter] | Iterable[dict], *, lr: float, momentum: float, weight_decay: float,
-                 total_steps: int, device: torch.device):
+    def __init__(self, parameters: Iterable[torch.nn.Parameter] | Iterable[dict], *, lr: float, momentum: float,
+                 weight_decay: float, total_steps: int, device: torch.device):
         self.optimizer = torch.optim.SGD(list(parameters), lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(1, total_steps))
         self.scaler = grad_scaler(device)
