@@ -116,7 +116,8 @@ def vision_depths(visual: nn.Module) -> tuple[dict[str, int], int]:
     the pooling and projection. open_clip's ViT and ResNet towers, and timm trunks (by timm's own layer
     groups, as its layer-decay optimisers use them)."""
     if isinstance(visual, VisionTransformer):
-        stages, stem = vision_layers(visual)[0], {"class_embedding", "positional_embedding", "conv1", "ln_pre"}
+        stages = vision_layers(visual)[0]
+        stem = {"class_embedding", "positional_embedding", "conv1", "ln_pre"}
         prefix = "transformer.resblocks."
 
         def depth(name: str) -> int:

@@ -53,6 +53,13 @@ def parameter_groups(model: ImageClassifier, config: Phase2Config) -> list[dict]
               for depth, parameters in sorted(layers.items())), head]
 
 
+def check_options(config: Phase2Config, contrastive: bool) -> None:
+    """Refuse a Phase II config the run cannot honour: adapt() asks before a job does any work,
+    fine_tune() again before it trains."""
+    if config.mixup and contrastive:
+        raise ValueError("phase2.mixup is CoFT's: CoFT+'s contrastive term needs the unmixed views")
+
+
 def s_star_weights(num_images: int, s_star: torch.Tensor, weight: float) -> torch.Tensor | None:
     """One CE weight per image: `weight` for S*'s images (`phase2.s_star_weight`), 1 for the rest;
     None when every weight is 1 (the spec's plain mean)."""
@@ -88,8 +95,7 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                                           config.randaugment_ops, config.randaugment_magnitude)
     elif config.augment:
         augmentation = train_augmentation(backbone.preprocess_cfg, config.crop_scale_min, config.hflip)
-    if config.mixup and contrastive is not None:
-        raise ValueError("phase2.mixup is CoFT's: CoFT+'s contrastive term needs the unmixed views")
+    check_options(config, contrastive is not None)
     mixup = MixUp(config.mixup) if config.mixup else None
     total_steps = max(1, config.epochs * steps_per_epoch(len(images), config.batch_size))
     optimiser = Optimiser(parameter_groups(model, config), lr=config.lr, momentum=config.momentum,

@@ -39,7 +39,7 @@ from coft.data import check_class_names
 from coft.descriptions import LLMEndpoint, initial_class_features
 from coft.image_cache import CachedImages, ImageSource
 from coft.phase1 import PromptModel
-from coft.phase2 import fresh_classifier
+from coft.phase2 import check_options as check_phase2_options, fresh_classifier
 from coft.progress import ProgressCallback, ProgressTracker
 from coft.prompts import template_features
 from coft.quality import holdout_accuracies, quality_signals
@@ -108,6 +108,7 @@ def adapt(images: Sequence[Image.Image] | ImageSource, class_names: Sequence[str
     if len(images) == 0:
         raise ValueError("no images to adapt on")
     config = config or CoFTConfig()
+    check_phase2_options(config.phase2, contrastive=_contrastive(method, config))
     backbone = backbone or load_backbone(model, pretrained, device)
     run = prepare(images, class_names, method, backbone, config, progress=progress, checkpoint_dir=checkpoint_dir,
                   evaluation=evaluation, descriptions=descriptions, llm=llm, labelled_shots=labelled_shots)
@@ -233,10 +234,15 @@ def _phase2_backbone(run: Adaptation) -> Backbone:
     return load_backbone(phase2.backbone, phase2.backbone_pretrained, run.backbone.device)
 
 
+def _contrastive(method: str, config: CoFTConfig) -> bool:
+    """Whether Phase II adds CoFT+'s contrastive term."""
+    return method == "coft+" and config.coft_plus.contrastive
+
+
 def _phase2_member(run: Adaptation, model_index: int, filtered: Filtered, backbone: Backbone,
                    s_star: torch.Tensor) -> ImageClassifier:
     text_features = template_features(backbone, run.class_names, run.config.pseudo_labels)
-    contrastive = run.method == "coft+" and run.config.coft_plus.contrastive
+    contrastive = _contrastive(run.method, run.config)
     tuned = run.stages.run(f"phase2-model{model_index}", lambda report: stages.phase2(
         backbone, run.source("train", backbone), text_features, filtered, model_index, run.config,
         seeding.phase2_seed(run.config.seed, model_index), contrastive, report, s_star,

@@ -505,6 +505,13 @@ def test_phase2_mixup_changes_the_update_and_is_refused_beside_the_contrastive_t
                   PHASE2.model_copy(update={"mixup": 0.5}), seed=3, contrastive=contrastive)
 
 
+def test_adapt_refuses_mixup_beside_the_contrastive_term_before_any_work(tiny_backbone, tiny_images):
+    config = CoFTConfig.from_dict({"phase2": {"mixup": 0.5}})
+    with pytest.raises(ValueError, match="mixup"):
+        adapt(tiny_images, CLASSES, method="coft+", backbone=tiny_backbone, config=config,
+              progress=lambda event: pytest.fail(f"the run started: {event}"))
+
+
 def test_phase2_randaugment_noises_the_ce_views(tiny_backbone, tiny_source):
     """phase2.randaugment_ops > 0 trains on RandAugment views (Noisy Student); 0 keeps the crop-and-flip update."""
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
