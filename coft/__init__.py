@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     # running a job
     "adapt": "coft.pipeline", "AdaptResult": "coft.pipeline", "LabelledImages": "coft.run_images",
-    "METHODS": "coft.pipeline",
+    "METHODS": "coft.pipeline", "check_job": "coft.pipeline",
     "CoFTConfig": "coft.config", "DEFAULT_TEMPLATE": "coft.config", "check_template": "coft.config",
     "Progress": "coft.progress", "ProgressCallback": "coft.progress",
     # images in, with the same checks for uploads, folders and predict requests
@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly
                            check_class_names, decode_image, normalise_class_name, open_images,
                            open_labelled_images)
     from coft.descriptions import DescriptionError, LLMEndpoint, load_descriptions, validate_descriptions
-    from coft.pipeline import METHODS, AdaptResult, adapt
+    from coft.pipeline import METHODS, AdaptResult, adapt, check_job
     from coft.run_images import LabelledImages
     from coft.progress import Progress, ProgressCallback
     from coft.proxy.tasks import TASKS as PROXY_TASKS

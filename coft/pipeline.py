@@ -102,17 +102,23 @@ def adapt(images: Sequence[Image.Image] | ImageSource, class_names: Sequence[str
     is used (metrics["prompt_source"] says which). `labelled_shots` (semi-supervised) are trained
     on with their true labels: they enter S* and both S_clean, exempt from the filter.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    config = config or CoFTConfig()
+    check_job(method, config)
     class_names = check_class_names(class_names)
     if len(images) == 0:
         raise ValueError("no images to adapt on")
-    config = config or CoFTConfig()
-    check_phase2_options(config.phase2, contrastive=_contrastive(method, config))
     backbone = backbone or load_backbone(model, pretrained, device)
     run = prepare(images, class_names, method, backbone, config, progress=progress, checkpoint_dir=checkpoint_dir,
                   evaluation=evaluation, descriptions=descriptions, llm=llm, labelled_shots=labelled_shots)
     return _adapt(run)
+
+
+def check_job(method: str, config: CoFTConfig) -> None:
+    """Refuse a method, or a config the method cannot honour, before any work: adapt() asks first, and
+    the service asks when a job is submitted (a 4xx then, not a job that fails in the worker)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_phase2_options(config.phase2, contrastive=_contrastive(method, config))
 
 
 @dataclass

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coft import Classifier as LoadedClassifier
-from coft import (ArchiveIndex, CoFTConfig, DataError, DataLimits, ImageSet, export_onnx, open_images,
+from coft import (ArchiveIndex, CoFTConfig, DataError, DataLimits, ImageSet, check_job, export_onnx, open_images,
                   open_labelled_images)
 from app.core import backbones, webhooks
 from app.core.db import session_scope
@@ -289,7 +289,7 @@ def method_config(request: JobRequest) -> dict:
             raise Invalid("invalid-config", "config.pseudo_labels must be an object", "Invalid config")
         overrides["pseudo_labels"]["template"] = request.template
     try:
-        CoFTConfig.from_dict(overrides)
+        check_job(request.method, CoFTConfig.from_dict(overrides))
     except ValueError as error:
         raise Invalid("invalid-config", str(error), "Invalid config") from None
     return overrides

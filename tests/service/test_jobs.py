@@ -83,6 +83,7 @@ def test_job_validation_problems(stack, api):
         (job_body(dataset_id, backbone={"model": "ViT-B-16"}), 422, "unknown-model"),  # no pretrained tag
         (job_body(dataset_id, config={"phase1": {"epochs": "many"}}), 422, "invalid-config"),
         (job_body(dataset_id, config={"no_such_key": 1}), 422, "invalid-config"),
+        (job_body(dataset_id, method="coft+", config={"phase2": {"mixup": 0.3}}), 422, "invalid-config"),
         (job_body(dataset_id, template="no placeholder"), 422, "invalid-template"),
         (job_body(dataset_id, class_names=["cat", "Cat"]), 422, "invalid-class-names"),
         (job_body(dataset_id, class_names=["cat"]), 422, "invalid-class-names"),
