@@ -9,6 +9,8 @@
         `tune_dev.py pipeline` lines of one override set per side, where one log holds several.
     python benchmarks/paired.py runs/a.log runs/b.log --accuracy fixmatch-da fixmatch-da
         `accuracy.py` lines (`TASK METHOD seed N: ACCURACY (...s)`) of one method per side.
+    python benchmarks/paired.py runs/x.log runs/x.log --stage final --stage-b phase1_model1
+        two accuracies of the same runs (side B reads `--stage-b`).
 
 Pairs runs by (task, seed); prints each side's per-task mean over seeds, then the paired difference
 B - A: its mean over all pairs and the standard error of that mean (std of the differences / sqrt(n)).
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
     parser.add_argument("--stage", default="final", help="which accuracy to compare (final, zero_shot, ...)")
+    parser.add_argument("--stage-b", default=None, help="side B's accuracy, when it is another (default: --stage)")
     parser.add_argument("--names", nargs=2, default=None)
     parser.add_argument("--phase2", nargs=2, metavar=("A_OVERRIDES", "B_OVERRIDES"),
                         help="compare `tune_dev.py phase2` lines of these two override sets, as printed")
@@ -90,7 +93,7 @@ def main() -> None:
     methods = args.accuracy or (None, None)
     names = tuple(args.names) if args.names else (args.a.stem, args.b.stem)
     print(compare(read_runs(args.a, args.stage, phase2[0], overrides[0], methods[0]),
-                  read_runs(args.b, args.stage, phase2[1], overrides[1], methods[1]), names))
+                  read_runs(args.b, args.stage_b or args.stage, phase2[1], overrides[1], methods[1]), names))
 
 
 if __name__ == "__main__":
