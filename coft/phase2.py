@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from coft.augment import MixUp, StrongAugmentation, train_augmentation
 from coft.backbone import Backbone
@@ -103,6 +104,9 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
     clean, labels = clean.bool().cpu(), labels.cpu()
     order = torch.Generator().manual_seed(seed)
     history, step = [], 0
+    # SWA's mean starts once (1 - swa_fraction) of the steps are done; buffers (BatchNorm's) are averaged alike.
+    averaged = AveragedModel(model, use_buffers=True) if config.swa_fraction else None
+    average_from = total_steps - int(round(config.swa_fraction * total_steps))
     for epoch in range(config.epochs):
         means = LossMeans()
         for positions in epoch_batches(len(images), config.batch_size, order):
@@ -139,11 +143,15 @@ def fine_tune(model: ImageClassifier, backbone: Backbone, images: ImageSource, l
                         means.add("ce", ce, len(kept))
                 optimiser.step(loss)
                 means.add("extra", nce)
+            if averaged is not None and step > average_from:
+                averaged.update_parameters(model)
             if report is not None:
                 report(step / total_steps, f"epoch {epoch + 1}/{config.epochs}")
         # None, not 0.0, for an epoch without a single clean sample: nothing was fitted.
         history.append({"epoch": epoch + 1, **means.read(*(("ce", "extra") if contrastive else ("ce",)))})
     model.eval().requires_grad_(False)
+    if averaged is not None and int(averaged.n_averaged) > 0:
+        model.load_state_dict(averaged.module.state_dict())
     if start is not None:
         interpolate_weights(model, start, config.weight_interpolation)
     return history

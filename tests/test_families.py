@@ -175,3 +175,24 @@ def test_every_tower_has_depths_for_layer_decay_and_phase2_trains_with_it(family
     history = fine_tune(model, backbone, source, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.ones(8, dtype=torch.bool),
                         Phase2Config(epochs=1, batch_size=4, layer_decay=0.5), seed=0)
     assert history[0]["ce"] is not None
+
+
+def test_phase2_swa_averages_every_towers_weights_and_buffers(family, images):
+    """phase2.swa_fraction on each tower family, BatchNorm's running statistics included."""
+    from coft.config import Phase2Config
+    from coft.image_cache import cached_images
+    from coft.phase2 import fine_tune, fresh_classifier
+
+    _, backbone = family
+    source = cached_images(images, backbone.preprocess_cfg, backbone.device)
+    labels, clean = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.ones(8, dtype=torch.bool)
+    trained = {}
+    for fraction in (0.0, 0.5):
+        model = fresh_classifier(backbone, F.normalize(torch.ones(3, backbone.model_cfg["embed_dim"]), dim=-1),
+                                 Phase2Config())
+        torch.manual_seed(0)
+        fine_tune(model, backbone, source, labels, clean, Phase2Config(epochs=2, batch_size=4, swa_fraction=fraction),
+                  seed=0)
+        trained[fraction] = model.state_dict()
+    assert all(torch.isfinite(value).all() for value in trained[0.5].values() if value.is_floating_point())
+    assert any(not torch.equal(trained[0.5][key], trained[0.0][key]) for key in trained[0.0])

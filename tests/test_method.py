@@ -587,6 +587,28 @@ def test_phase2_layer_decay_and_head_lr_scale_set_each_weights_first_step(tiny_b
         vision_depths(torch.nn.Linear(2, 2))
 
 
+def test_phase2_swa_ends_at_the_mean_of_the_last_steps_weights(tiny_backbone, tiny_source):
+    """swa_fraction 0.5 of 4 steps: the model returned is the mean of the weights after steps 3 and 4;
+    training itself is unchanged, and 0 (the spec) returns the last step's weights."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    config = PHASE2.model_copy(update={"epochs": 2, "swa_fraction": 0.5})
+    ends = {}
+    for fraction in (0.0, 0.5):
+        model, snapshots = _phase2_model(tiny_backbone), []
+        torch.manual_seed(0)
+        fine_tune(model, tiny_backbone, tiny_source, labels, torch.ones(8, dtype=torch.bool),
+                  config.model_copy(update={"swa_fraction": fraction}), seed=3,
+                  report=lambda *_: snapshots.append(clip_parameters(model)))
+        ends[fraction] = (clip_parameters(model), snapshots)
+    (last, snapshots), (averaged, swa_snapshots) = ends[0.0], ends[0.5]
+    assert len(snapshots) == 4
+    for key, value in averaged.items():
+        torch.testing.assert_close(swa_snapshots[3][key], snapshots[3][key])  # the same trajectory
+        torch.testing.assert_close(last[key], snapshots[3][key])
+        torch.testing.assert_close(value, (snapshots[2][key] + snapshots[3][key]) / 2)
+    assert any(not torch.allclose(averaged[key], last[key], atol=1e-6) for key in last)
+
+
 def test_phase2_sample_weights_reach_the_training_step(tiny_backbone, tiny_source):
     """Weights of one leave Phase II's update as it was; weighing some samples more changes it."""
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
