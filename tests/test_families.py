@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from coft.backbone import load_backbone
 from coft.classifier import Classifier, zero_shot_classifier
-from coft.config import CoFTConfig, Phase1Config
+from coft.config import CoFTConfig, Phase1Config, Phase2Config
 from coft.phase1 import PromptModel
 from coft.pipeline import adapt
 from tests.conftest import TINY_PREPROCESS_CFG, draw_image
@@ -127,21 +127,38 @@ def test_every_family_adapts_and_its_artifact_reloads(family, images, tmp_path):
         assert used is None
 
 
+def _fresh_phase2_model(backbone):
+    """A Phase II classifier of this family: the fresh tower and a head from random class embeddings."""
+    from coft.phase2 import fresh_classifier
+
+    torch.manual_seed(0)
+    return fresh_classifier(backbone, F.normalize(torch.randn(3, backbone.model_cfg["embed_dim"]), dim=-1),
+                            Phase2Config())
+
+
+def _fine_tune(model, backbone, images, labels, clean, config) -> list[dict]:
+    """Phase II's training of `model` on the family's images, seeded alike for every call."""
+    from coft.image_cache import cached_images
+    from coft.phase2 import fine_tune
+
+    torch.manual_seed(0)
+    return fine_tune(model, backbone, cached_images(images, backbone.preprocess_cfg, backbone.device), labels, clean,
+                     config, seed=0)
+
+
+ALL_CLASSES, ALL_CLEAN = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.ones(8, dtype=torch.bool)
+
+
 def test_a_phase2_batch_with_one_clean_sample_skips_its_ce_for_every_tower(family, images):
     """A BatchNorm tower (timm's ResNet) cannot train on one sample: such a batch's CE is skipped."""
-    from coft.config import Phase2Config
-    from coft.image_cache import cached_images
-    from coft.phase2 import fine_tune, fresh_classifier
 
     _, backbone = family
-    source = cached_images(images, backbone.preprocess_cfg, backbone.device)
-    model = fresh_classifier(backbone, F.normalize(torch.randn(3, backbone.model_cfg["embed_dim"]), dim=-1),
-                             Phase2Config())
+    model = _fresh_phase2_model(backbone)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     clean = torch.zeros(8, dtype=torch.bool)
     clean[3] = True  # batches of 4: one clean sample in one batch, none in the other
-    history = fine_tune(model, backbone, source, torch.zeros(8, dtype=torch.long), clean,
-                        Phase2Config(epochs=1, batch_size=4), seed=0)
+    history = _fine_tune(model, backbone, images, torch.zeros(8, dtype=torch.long), clean,
+                         Phase2Config(epochs=1, batch_size=4))
     assert history == [{"epoch": 1, "ce": None}]
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
@@ -157,10 +174,7 @@ def test_a_vision_tower_rebuilt_from_its_config_takes_the_models_weights(family)
 
 def test_every_tower_has_depths_for_layer_decay_and_phase2_trains_with_it(family, images):
     """phase2.layer_decay numbers each weight by depth: the stem at 0, the pooling and projection deepest."""
-    from coft.config import Phase2Config
-    from coft.image_cache import cached_images
     from coft.openclip import vision_depths
-    from coft.phase2 import fine_tune, fresh_classifier
 
     _, backbone = family
     visual = backbone.model.visual
@@ -169,30 +183,20 @@ def test_every_tower_has_depths_for_layer_decay_and_phase2_trains_with_it(family
     assert min(depths.values()) == 0 and max(depths.values()) == top and len(set(depths.values())) >= 4
     first = next(name for name, _ in visual.named_parameters())  # every tower's first weight is its stem's
     assert depths[first] == 0
-    source = cached_images(images, backbone.preprocess_cfg, backbone.device)
-    model = fresh_classifier(backbone, F.normalize(torch.randn(3, backbone.model_cfg["embed_dim"]), dim=-1),
-                             Phase2Config())
-    history = fine_tune(model, backbone, source, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.ones(8, dtype=torch.bool),
-                        Phase2Config(epochs=1, batch_size=4, layer_decay=0.5), seed=0)
+    history = _fine_tune(_fresh_phase2_model(backbone), backbone, images, ALL_CLASSES, ALL_CLEAN,
+                         Phase2Config(epochs=1, batch_size=4, layer_decay=0.5))
     assert history[0]["ce"] is not None
 
 
 def test_phase2_swa_averages_every_towers_weights_and_buffers(family, images):
     """phase2.swa_fraction on each tower family, BatchNorm's running statistics included."""
-    from coft.config import Phase2Config
-    from coft.image_cache import cached_images
-    from coft.phase2 import fine_tune, fresh_classifier
 
     _, backbone = family
-    source = cached_images(images, backbone.preprocess_cfg, backbone.device)
-    labels, clean = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.ones(8, dtype=torch.bool)
     trained = {}
     for fraction in (0.0, 0.5):
-        model = fresh_classifier(backbone, F.normalize(torch.ones(3, backbone.model_cfg["embed_dim"]), dim=-1),
-                                 Phase2Config())
-        torch.manual_seed(0)
-        fine_tune(model, backbone, source, labels, clean, Phase2Config(epochs=2, batch_size=4, swa_fraction=fraction),
-                  seed=0)
+        model = _fresh_phase2_model(backbone)
+        _fine_tune(model, backbone, images, ALL_CLASSES, ALL_CLEAN,
+                   Phase2Config(epochs=2, batch_size=4, swa_fraction=fraction))
         trained[fraction] = model.state_dict()
     assert all(torch.isfinite(value).all() for value in trained[0.5].values() if value.is_floating_point())
     assert any(not torch.equal(trained[0.5][key], trained[0.0][key]) for key in trained[0.0])
