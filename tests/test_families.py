@@ -20,7 +20,10 @@ from safetensors.torch import save_file
 from coft.backbone import load_backbone
 from coft.classifier import Classifier, zero_shot_classifier
 from coft.config import CoFTConfig, Phase1Config, Phase2Config
+from coft.image_cache import cached_images
+from coft.openclip import build_vision_tower, vision_depths
 from coft.phase1 import PromptModel
+from coft.phase2 import fine_tune, fresh_classifier
 from coft.pipeline import adapt
 from tests.conftest import TINY_PREPROCESS_CFG, draw_image
 
@@ -129,8 +132,6 @@ def test_every_family_adapts_and_its_artifact_reloads(family, images, tmp_path):
 
 def _fresh_phase2_model(backbone):
     """A Phase II classifier of this family: the fresh tower and a head from random class embeddings."""
-    from coft.phase2 import fresh_classifier
-
     torch.manual_seed(0)
     return fresh_classifier(backbone, F.normalize(torch.randn(3, backbone.model_cfg["embed_dim"]), dim=-1),
                             Phase2Config())
@@ -138,9 +139,6 @@ def _fresh_phase2_model(backbone):
 
 def _fine_tune(model, backbone, images, labels, clean, config) -> list[dict]:
     """Phase II's training of `model` on the family's images, seeded alike for every call."""
-    from coft.image_cache import cached_images
-    from coft.phase2 import fine_tune
-
     torch.manual_seed(0)
     return fine_tune(model, backbone, cached_images(images, backbone.preprocess_cfg, backbone.device), labels, clean,
                      config, seed=0)
@@ -151,7 +149,6 @@ ALL_CLASSES, ALL_CLEAN = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.ones(8, d
 
 def test_a_phase2_batch_with_one_clean_sample_skips_its_ce_for_every_tower(family, images):
     """A BatchNorm tower (timm's ResNet) cannot train on one sample: such a batch's CE is skipped."""
-
     _, backbone = family
     model = _fresh_phase2_model(backbone)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -165,8 +162,6 @@ def test_a_phase2_batch_with_one_clean_sample_skips_its_ce_for_every_tower(famil
 
 def test_a_vision_tower_rebuilt_from_its_config_takes_the_models_weights(family):
     """Classifier.load rebuilds towers without their text tower (coft.openclip.build_vision_tower)."""
-    from coft.openclip import build_vision_tower
-
     _, backbone = family
     tower = build_vision_tower(backbone.model_cfg)
     tower.load_state_dict(backbone.model.visual.state_dict(), strict=True)
@@ -174,8 +169,6 @@ def test_a_vision_tower_rebuilt_from_its_config_takes_the_models_weights(family)
 
 def test_every_tower_has_depths_for_layer_decay_and_phase2_trains_with_it(family, images):
     """phase2.layer_decay numbers each weight by depth: the stem at 0, the pooling and projection deepest."""
-    from coft.openclip import vision_depths
-
     _, backbone = family
     visual = backbone.model.visual
     depths, top = vision_depths(visual)
@@ -190,7 +183,6 @@ def test_every_tower_has_depths_for_layer_decay_and_phase2_trains_with_it(family
 
 def test_phase2_swa_averages_every_towers_weights_and_buffers(family, images):
     """phase2.swa_fraction on each tower family, BatchNorm's running statistics included."""
-
     _, backbone = family
     trained = {}
     for fraction in (0.0, 0.5):
